@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv on first use and install what they need (Debian's aarch64 cross linker too).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    := out
+MODEL  ?= shufflenet_v1_g3_x1_0
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv cross clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Debian's aarch64 cross linker (needs root or sudo; skipped when already there).
+cross:
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu; }
+
+demo: venv cross
+	@mkdir -p $(OUT)
+	$(BIN)/tvmshuffle models
+	$(BIN)/tvmshuffle compile $(MODEL) --target host -o $(OUT)/$(MODEL)-host.so
+	$(BIN)/tvmshuffle compile $(MODEL) --target aarch64 -o $(OUT)/$(MODEL)-aarch64.so
+	$(BIN)/python -c "import numpy as np; np.save('$(OUT)/input.npy', np.random.default_rng(0).standard_normal((1,3,224,224)).astype('float32'))"
+	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host.so --input $(OUT)/input.npy --output $(OUT)/output.npy --repeat 30 --print-time
+	@file $(OUT)/$(MODEL)-aarch64.so
+
+test: venv cross
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(OUT) .pytest_cache

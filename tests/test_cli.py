@@ -1,0 +1,161 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TVMSHUFFLE = [sys.executable, "-m", "tvmshuffle"]
+SMALL = "shufflenet_v1_g3_x0_25"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([*TVMSHUFFLE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tvmshuffle: error:"), lines[0]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_models_json_lists_the_zoo():
+    proc = cli("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 29
+    for row in rows:
+        assert isinstance(row["macs"], int) and row["macs"] > 0
+        assert isinstance(row["params"], int) and row["params"] > 0
+    names = {row["name"] for row in rows}
+    assert {"shufflenet_v1_g3_x1_0", "shufflenet_v2_x1_0", "shufflenet_v1_g8_x0_25"} <= names
+
+
+def test_models_table_prints_every_model():
+    proc = cli("models")
+    assert proc.returncode == 0, proc.stderr
+    assert sum(line.startswith("shufflenet_") for line in proc.stdout.splitlines()) == 29
+
+
+@pytest.mark.slow
+def test_compile_then_run_host(tmp_path):
+    lib = tmp_path / "m.so"
+    proc = cli("compile", SMALL, "--target", "host", "--input-shape", "1,3,96,96", "-o", lib)
+    assert proc.returncode == 0, proc.stderr
+    assert lib.exists() and "kernels" in proc.stdout
+    x = np.random.default_rng(1).standard_normal((1, 3, 96, 96)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = cli("run", lib, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy",
+               "--repeat", "3", "--print-time")
+    assert proc.returncode == 0, proc.stderr
+    assert "median" in proc.stdout and "ms" in proc.stdout
+    y = np.load(tmp_path / "y.npy")
+
+    import torch
+
+    from tvmshuffle.models import zoo
+
+    with torch.no_grad():
+        expected = zoo.get_model(SMALL)(torch.from_numpy(x)).numpy()
+    assert y.shape == (1, 1000)
+    assert np.abs(y - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_name():
+    assert_one_line_error(cli("compile", "shufflenet_v1_g3_x1", "-o", "x.so"), "shufflenet_v1_g3_x1")
+
+
+def test_missing_model_file(tmp_path):
+    assert_one_line_error(cli("compile", tmp_path / "nope.onnx", "-o", tmp_path / "x.so"), "nope.onnx")
+
+
+def test_corrupt_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(cli("compile", bad, "-o", tmp_path / "x.so"), "bad.onnx")
+
+
+def test_corrupt_pt2_file(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip archive" * 10)
+    assert_one_line_error(cli("compile", bad, "-o", tmp_path / "x.so"), "bad.pt2")
+
+
+def test_unknown_target_preset(tmp_path):
+    assert_one_line_error(cli("compile", SMALL, "--target", "pixel9000", "-o", tmp_path / "x.so"), "pixel9000")
+
+
+def test_android_without_ndk(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
+    assert_one_line_error(cli("compile", SMALL, "--target", "android-arm64", "-o", tmp_path / "x.so"),
+                          "ANDROID_NDK_HOME")
+
+
+def test_missing_cross_compiler(tmp_path):
+    assert_one_line_error(
+        cli("compile", SMALL, "--target", "aarch64", "--cross-compiler", "no-such-g++", "-o", tmp_path / "x.so"),
+        "no-such-g++",
+    )
+
+
+@pytest.mark.parametrize("shape", ["1,3,224", "1,3,a,224", "1,3,0,224", "1,4,224,224"])
+def test_bad_input_shape(tmp_path, shape):
+    assert_one_line_error(cli("compile", SMALL, "--input-shape", shape, "-o", tmp_path / "x.so"), "--input-shape")
+
+
+def test_unsupported_op(tmp_path):
+    import torch
+
+    class Bessel(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.bessel_j0(x)
+
+    path = tmp_path / "bessel.pt2"
+    torch.export.save(torch.export.export(Bessel(), (torch.randn(1, 3, 8, 8),)), path)
+    assert_one_line_error(cli("compile", path, "-o", tmp_path / "x.so"), "bessel.pt2", "bessel_j0")
+
+
+def test_unsupported_onnx_op(tmp_path):
+    import torch
+
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            return torch.det(x[0, 0])
+
+    path = tmp_path / "det.onnx"
+    torch.onnx.export(Det(), (torch.randn(1, 3, 4, 4),), path, dynamo=False, opset_version=17)
+    assert_one_line_error(cli("compile", path, "-o", tmp_path / "x.so"), "det.onnx", "Det")
+
+
+def test_missing_weights_file(tmp_path):
+    assert_one_line_error(cli("compile", SMALL, "--weights", tmp_path / "w.pt", "-o", tmp_path / "x.so"), "w.pt")
+
+
+def test_run_missing_library(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), "float32"))
+    assert_one_line_error(cli("run", tmp_path / "none.so", "--input", tmp_path / "x.npy"), "none.so")
+
+
+def test_run_not_a_library(tmp_path):
+    (tmp_path / "junk.so").write_bytes(b"junk")
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), "float32"))
+    assert_one_line_error(cli("run", tmp_path / "junk.so", "--input", tmp_path / "x.npy"), "junk.so")
+
+
+def test_missing_flag_is_one_line():
+    assert_one_line_error(cli("compile", SMALL), "--output")
+
+
+def test_verbose_shows_traceback():
+    proc = cli("--verbose", "compile", "no_such_model", "-o", "x.so")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr

@@ -1,0 +1,115 @@
+"""import → lower → build → export, checked against PyTorch, for every zoo model and target kind."""
+
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+
+from tvmshuffle import frontend, pipeline, runtime, targets
+from tvmshuffle.models import zoo
+
+# Reduced input keeps CI bounded; the network is the same at any resolution.
+SHAPE = (1, 3, 64, 64)
+SMALL = "shufflenet_v1_g3_x0_25"
+
+
+def compile_and_run(imported, tmp_path, fuse=True):
+    preset = targets.resolve("host")
+    mod = pipeline.lower(imported.mod, preset, fuse=fuse)
+    executable, _ = pipeline.build(mod, preset)
+    lib = pipeline.export(executable, preset, tmp_path / f"{imported.name}.so")
+    x = imported.random_input()
+    out = runtime.run(runtime.load_library(lib), x).output
+    return out, imported.reference(x)
+
+
+def assert_close(out, expected):
+    assert out.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert float(np.abs(out - expected).max()) <= 1e-4 * scale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+def test_zoo_model_matches_pytorch(name, tmp_path):
+    imported = frontend.load(name, SHAPE)
+    out, expected = compile_and_run(imported, tmp_path)
+    assert_close(out, expected)
+
+
+def test_batch_norm_is_folded():
+    imported = frontend.load(SMALL, SHAPE)
+    text = imported.mod.script()
+    assert "batch_norm" not in text
+    assert "R.nn.conv2d" in text
+
+
+def test_pt2_file_with_other_input_shape(tmp_path):
+    import torch
+
+    model = zoo.get_model(SMALL)
+    path = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), path)
+    imported = frontend.load(str(path))
+    assert imported.input_shape == (1, 3, 32, 32) and imported.source == "pt2"
+    imported = frontend.load(str(path), (1, 3, 48, 48))
+    assert imported.input_shape == (1, 3, 48, 48)
+    out, expected = compile_and_run(imported, tmp_path)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_onnx_file(tmp_path, opset):
+    import torch
+
+    model = zoo.get_model(SMALL)
+    path = tmp_path / f"small{opset}.onnx"
+    torch.onnx.export(model, (torch.randn(*SHAPE),), path, dynamo=False, opset_version=opset,
+                      input_names=["image"])
+    imported = frontend.load(str(path))
+    assert imported.input_shape == SHAPE and imported.source == "onnx"
+    out, expected = compile_and_run(imported, tmp_path)
+    assert_close(out, expected)
+    # ONNX Runtime and PyTorch agree too, so the reference is the model's.
+    with torch.no_grad():
+        assert_close(expected, model(torch.from_numpy(imported.random_input())).numpy())
+
+
+def _elf_machine_and_type(path):
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF"
+    assert header[4] == 2, "not a 64-bit ELF"
+    e_type, e_machine = struct.unpack("<HH", header[16:20])
+    return e_machine, e_type
+
+
+ET_DYN, EM_AARCH64, EM_X86_64 = 3, 183, 62
+
+
+@pytest.mark.parametrize("target", ["aarch64", "rpi4", '{"kind":"llvm","mtriple":"aarch64-linux-gnu","mattr":["+neon"]}'])
+def test_aarch64_library(tmp_path, target):
+    result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(target=target, input_shape=SHAPE))
+    assert _elf_machine_and_type(result.output) == (EM_AARCH64, ET_DYN)
+    nm = shutil.which("aarch64-linux-gnu-nm")
+    assert nm, "binutils-aarch64-linux-gnu comes with g++-aarch64-linux-gnu"
+    symbols = subprocess.run([nm, "-D", "--defined-only", result.output], capture_output=True, text=True,
+                             check=True).stdout
+    assert "__tvm_ffi__library_bin" in symbols  # the serialized module (Relax VM + kernels)
+    assert "__tvm_ffi_" in symbols.replace("__tvm_ffi__library_bin", "")  # kernels exported
+
+
+def test_host_library_is_native(tmp_path):
+    result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(input_shape=SHAPE))
+    assert _elf_machine_and_type(result.output) == (EM_X86_64, ET_DYN)
+    assert result.kernels > 10
+
+
+def test_run_rejects_wrong_input_shape(tmp_path):
+    from tvmshuffle.errors import UserError
+
+    result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(input_shape=SHAPE))
+    vm = runtime.load_library(result.output)
+    with pytest.raises(UserError, match="--input"):
+        runtime.run(vm, np.zeros((1, 3, 32, 32), "float32"))

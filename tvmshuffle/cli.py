@@ -1,0 +1,191 @@
+"""``tvmshuffle`` command line: parses flags and calls the Python API; nothing else.
+
+Every user mistake ends as one line ``tvmshuffle: error: ...`` and exit code 2
+(``--verbose`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("tvmshuffle")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message otherwise)
+        raise UserError(f"{self.prog}: {message}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_models(args) -> int:
+    from .frontend import parse_input_shape
+    from .models import zoo
+
+    shape = parse_input_shape(args.input_shape) or (1, 3, 224, 224)
+    rows = zoo.model_table(input_shape=shape)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<26} {'MACs (M)':>9} {'params (M)':>11}   input {'x'.join(map(str, shape))}")
+    for row in rows:
+        print(f"{row['name']:<26} {row['macs'] / 1e6:>9.1f} {row['params'] / 1e6:>11.2f}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .frontend import parse_input_shape
+    from .pipeline import CompileConfig, compile_model
+
+    config = CompileConfig(
+        target=args.target,
+        fuse=not args.no_fuse,
+        tuning_records=Path(args.tuning_records) if args.tuning_records else None,
+        cross_compiler=args.cross_compiler,
+        input_shape=parse_input_shape(args.input_shape),
+        weights=args.weights,
+    )
+    result = compile_model(args.model, Path(args.output), config)
+    tuned = f", {result.tuned_kernels} with tuned schedules" if config.tuning_records else ""
+    print(
+        f"{result.output}: {result.model.name} for {result.target.name} "
+        f"({result.kernels} kernels{tuned}, {'fused' if config.fuse else 'unfused'}, "
+        f"input {'x'.join(map(str, result.model.input_shape))}) in {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from . import runtime
+
+    if args.repeat < 0 or args.number < 1:
+        raise UserError("--repeat must be >= 0 and --number >= 1")
+    vm = runtime.load_library(args.library)
+    x = runtime.load_input(args.input)
+    repeat = args.repeat if (args.print_time or args.repeat) else 0
+    if args.print_time and repeat == 0:
+        repeat = 10
+    result = runtime.run(vm, x, repeat=repeat, number=args.number)
+    y = result.output
+    top = np.argsort(y.reshape(y.shape[0], -1)[0])[::-1][:5]
+    print(f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}, top-5 {top.tolist()}")
+    if result.times_ms:
+        t = np.array(result.times_ms)
+        print(
+            f"latency (this CPU): median {np.median(t):.3f} ms, p10 {np.percentile(t, 10):.3f}, "
+            f"p90 {np.percentile(t, 90):.3f} ms over {len(t)} x {args.number} runs"
+        )
+    if args.output:
+        np.save(args.output, y)
+        print(f"saved {args.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import frontend, kernels, pipeline, targets
+
+    preset = targets.resolve(args.target)
+    imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
+    mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
+    rows = kernels.list_kernels(mod)
+    shuffles = sum(k.standalone_shuffle for k in rows)
+    fused = sum(k.fused_shuffle_conv for k in rows)
+    if args.json:
+        print(json.dumps({
+            "model": imported.name,
+            "target": preset.name,
+            "fused": not args.no_fuse,
+            "input_shape": list(imported.input_shape),
+            "kernels": [k.as_dict() for k in rows],
+            "standalone_shuffle_kernels": shuffles,
+            "fused_shuffle_conv_kernels": fused,
+            "total_macs": sum(k.macs * k.calls for k in rows),
+        }, indent=2))
+        return 0
+    print(f"{imported.name} ({'fused' if not args.no_fuse else 'unfused'}), input {list(imported.input_shape)}")
+    print(f"{'kernel':<48} {'output':<20} {'MACs (M)':>9}  note")
+    for k in rows:
+        note = "STANDALONE SHUFFLE" if k.standalone_shuffle else ("shuffle fused" if k.fused_shuffle_conv else "")
+        calls = f" x{k.calls}" if k.calls > 1 else ""
+        print(f"{k.name + calls:<48} {str(k.output):<20} {k.macs / 1e6:>9.3f}  {note}")
+    print(f"{len(rows)} kernels, {shuffles} standalone shuffle kernels, {fused} fused shuffle+conv kernels")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("model", help="zoo name (see `tvmshuffle models`), a .pt2 (torch.export.save) or an .onnx file")
+    p.add_argument("--input-shape", help="N,C,H,W (default 1,3,224,224; a file's own shape)")
+    p.add_argument("--weights", help="state_dict file for a zoo model (default: random init, seed 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tvmshuffle", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the model zoo with MACs and parameters")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--input-shape", help="N,C,H,W for the MAC count (default 1,3,224,224)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("compile", help="compile a model into one deployable shared library")
+    _add_model_args(p)
+    p.add_argument("--target", default="host", help="preset (host, aarch64, rpi4, android-arm64) or TVM target JSON")
+    p.add_argument("-o", "--output", required=True, help="output .so")
+    p.add_argument("--no-fuse", action="store_true", help="leave channel shuffles as they are")
+    p.add_argument("--tuning-records", help="MetaSchedule records dir (tuning_logs/<target>/<model>)")
+    p.add_argument("--cross-compiler", help="linker command for the .so (overrides the preset's)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("inspect", help="list the compiled kernels and count standalone shuffles")
+    _add_model_args(p)
+    p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
+    p.add_argument("--no-fuse", action="store_true", help="inspect without FuseShuffleGroupConv")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run a compiled host library on an input .npy")
+    p.add_argument("library", help="a .so from `tvmshuffle compile --target host`")
+    p.add_argument("--input", required=True, help="input tensor as .npy (float32, N,C,H,W)")
+    p.add_argument("--output", help="save the output here (.npy)")
+    p.add_argument("--repeat", type=int, default=0, help="timed samples (default 0; 10 with --print-time)")
+    p.add_argument("--number", type=int, default=1, help="runs averaged per sample")
+    p.add_argument("--print-time", action="store_true", help="print the latency")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+    )
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as err:
+        if verbose:
+            log.exception("error")
+        print(f"tvmshuffle: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvmshuffle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Import: a zoo name, a ``.pt2`` file or an ``.onnx`` file → a Relax module ready to optimise.
+
+Every form ends the same way: one Relax function ``main(x)`` with the weights bound as
+constants and batch norm folded into the preceding convolutions (inference mode), plus a
+host reference (PyTorch or ONNX Runtime) that tests and ``bench`` compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class ImportedModel:
+    """A model in Relax, and how to compute its output on the host for checking."""
+
+    name: str
+    mod: "tvm.IRModule"  # noqa: F821
+    input_shape: tuple[int, ...]
+    #: x (numpy) → output (numpy), by PyTorch or ONNX Runtime
+    reference: Callable[[np.ndarray], np.ndarray]
+    source: str  # "zoo", "pt2" or "onnx"
+    torch_module: object | None = None
+
+    def random_input(self, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal(self.input_shape).astype("float32")
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``; errors name ``--input-shape``."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"--input-shape: expected N,C,H,W integers, got {text!r}") from None
+    if len(shape) != 4 or any(v <= 0 for v in shape):
+        raise UserError(f"--input-shape: expected four positive integers N,C,H,W, got {text!r}")
+    if shape[1] != 3:
+        raise UserError(f"--input-shape: ShuffleNets take 3 input channels, got C={shape[1]} in {text!r}")
+    return shape
+
+
+def load(model: str, input_shape: tuple[int, ...] | None = None, weights: str | None = None) -> ImportedModel:
+    """Import ``model`` (zoo name, ``.pt2`` or ``.onnx`` path) into Relax, BN folded."""
+    if model.endswith(".onnx"):
+        if weights:
+            raise UserError("--weights applies to zoo models only; an .onnx file carries its weights")
+        return _load_onnx(model, input_shape)
+    if model.endswith(".pt2"):
+        if weights:
+            raise UserError("--weights applies to zoo models only; a .pt2 file carries its weights")
+        return _load_pt2(model, input_shape)
+    if os.sep in model or os.path.exists(model):
+        raise UserError(f"{model}: not a model file tvmshuffle reads (expected .pt2 or .onnx) nor a zoo name")
+    from .models import zoo
+
+    module = zoo.get_model(model, weights=weights)
+    shape = input_shape or DEFAULT_INPUT_SHAPE
+    return _from_torch(model, module, shape, "zoo")
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _torch_reference(module) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def _from_torch(name: str, module, shape, source: str) -> ImportedModel:
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    example = torch.zeros(shape)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(module, (example,))
+    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
+        raise UserError(f"{name}: torch.export failed for input shape {shape}: {_first_line(err)}") from err
+    try:
+        mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
+    except AssertionError as err:  # the importer asserts on unsupported ops
+        raise UserError(f"{name}: {_first_line(err)} (the PyTorch importer cannot translate this op)") from err
+    return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _torch_reference(module), source, module)
+
+
+def _load_pt2(path: str, input_shape) -> ImportedModel:
+    import torch
+
+    _check_file(path)
+    try:
+        exported = torch.export.load(path)
+    except (zipfile.BadZipFile, RuntimeError, KeyError, ValueError, EOFError) as err:
+        raise UserError(f"{path}: not a readable torch.export archive ({_first_line(err)})") from err
+    module = exported.module()
+    if input_shape is None:
+        example = exported.example_inputs[0][0] if exported.example_inputs else None
+        if example is None:
+            raise UserError(f"{path}: the archive stores no example input; pass --input-shape")
+        input_shape = tuple(example.shape)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return _from_torch(name, module, input_shape, "pt2")
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _load_onnx(path: str, input_shape) -> ImportedModel:
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    _check_file(path)
+    try:
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+    except Exception as err:  # noqa: BLE001 - protobuf / checker errors
+        raise UserError(f"{path}: not a valid ONNX model ({_first_line(err)})") from err
+    graph_inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(graph_inputs) != 1:
+        raise UserError(f"{path}: expected one image input, the graph has {len(graph_inputs)}")
+    inp = graph_inputs[0]
+    dims = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim)
+    shape = input_shape or dims
+    if not shape or any(d <= 0 for d in shape):
+        raise UserError(f"{path}: input {inp.name!r} has a dynamic shape {dims}; pass --input-shape")
+    try:
+        mod = from_onnx(proto, shape_dict={inp.name: list(shape)}, keep_params_in_input=False)
+    except tvm.error.OpNotImplemented as err:
+        raise UserError(f"{path}: {_first_line(err)}") from err
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path}: the ONNX importer failed: {_first_line(err)}") from err
+    name = os.path.splitext(os.path.basename(path))[0]
+    return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _ort_reference(path, inp.name), "onnx")
+
+
+def _ort_reference(path: str, input_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return session.run(None, {input_name: x})[0]
+
+    return run
+
+
+# --------------------------------------------------------------------------- common
+
+
+def fold_batch_norm(mod):
+    """Fold inference batch norm into the convolution before it; decompose any left over."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.FoldBatchnormToConv2D(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )
+    return seq(mod)
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: the file is empty")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors end with the useful line; Python ones start with it.
+    return (lines[-1] if "Traceback" in text or "Check failed" in text else lines[0]) if lines else type(err).__name__

@@ -1,0 +1,90 @@
+"""What a lowered module is made of: one row per compiled kernel (PrimFunc).
+
+Used by ``tvmshuffle inspect`` (and the profiler): kernel name, argument and output shapes,
+MACs, and whether the kernel is a *standalone shuffle* — a kernel that moves a tensor through
+a transpose, the copy that ``FuseShuffleGroupConv`` exists to remove.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Kernel:
+    name: str
+    inputs: list[list[int]]  # shapes of the tensor arguments (activations and weights)
+    output: list[int]
+    macs: int  # multiply-accumulates of its reduction blocks (conv, matmul)
+    standalone_shuffle: bool  # contains a transpose: a shuffle copy through memory
+    fused_shuffle_conv: bool  # contains the fused shuffle_group_conv2d operator
+    calls: int = 1  # how many times main calls it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _blocks(func):
+    """Every SBlock of a PrimFunc (with its iteration domain)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    stack = [sch.get_sblock("root")] if _has_root(sch) else []
+    while stack:
+        rv = stack.pop()
+        for child in sch.get_child_blocks(rv):
+            stack.append(child)
+            yield sch.get(child)
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001 - a func without a root block has no blocks to count
+        return False
+
+
+def _macs(blocks) -> int:
+    total = 0
+    for block in blocks:
+        reduces = [iv for iv in block.iter_vars if iv.iter_type == 2]  # CommReduce
+        if reduces and "*" in str(block.body):
+            total += math.prod(int(iv.dom.extent) for iv in block.iter_vars)
+    return total
+
+
+def _shape(ty) -> list[int]:
+    return [int(d) for d in ty.shape]
+
+
+def list_kernels(mod) -> list[Kernel]:
+    """One :class:`Kernel` per PrimFunc that ``main`` calls, in call order."""
+    import tvm
+    from tvm import relax
+
+    rows: dict[str, Kernel] = {}
+
+    def visit(expr):
+        if not (isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return
+        gvar = expr.args[0]
+        if gvar.name_hint in rows:
+            rows[gvar.name_hint].calls += 1
+            return
+        func = mod[gvar]
+        blocks = list(_blocks(func))
+        names = [b.name_hint for b in blocks]
+        args = [_shape(a.ty) for a in expr.args[1].fields]
+        rows[gvar.name_hint] = Kernel(
+            name=gvar.name_hint,
+            inputs=args,
+            output=_shape(expr.ty),
+            macs=_macs(blocks),
+            standalone_shuffle=any("transpose" in n for n in names),
+            fused_shuffle_conv=any("shuffle_group_conv2d" in n for n in names) or "shuffle_group_conv2d" in gvar.name_hint,
+        )
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return list(rows.values())

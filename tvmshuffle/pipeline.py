@@ -1,0 +1,131 @@
+"""The whole compiler, top to bottom: import → fuse → (tune) → build → export.
+
+Each phase is one function; :func:`compile_model` runs them in order and is what the CLI's
+``compile`` calls. Read this file to know what happens to a model.
+
+1. **import** (:func:`tvmshuffle.frontend.load`): zoo name / ``.pt2`` / ``.onnx`` → Relax,
+   weights bound as constants, batch norm folded.
+2. **fuse** (:func:`lower`): ``FuseShuffleGroupConv`` puts every channel shuffle into the
+   convolution that reads it, then TVM's own lowering — LegalizeOps (ops → TIR),
+   AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
+   fused behind each convolution). The result is what MetaSchedule tunes.
+3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
+4. **build** (:func:`build`): apply tuning records (if any), generate code for the target.
+5. **export** (:func:`export`): one shared library, cross-linked for ARM targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import frontend, targets
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileConfig:
+    """What ``tvmshuffle compile`` is asked to do."""
+
+    target: str = "host"
+    fuse: bool = True
+    tuning_records: Path | None = None
+    cross_compiler: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    weights: str | None = None
+
+
+@dataclass
+class CompileResult:
+    output: Path
+    target: targets.TargetPreset
+    kernels: int
+    tuned_kernels: int
+    seconds: float
+    model: frontend.ImportedModel
+
+
+def lower_passes(fuse: bool = True) -> list:
+    """Phase 2: the graph passes, in order."""
+    import tvm  # noqa: F401
+    from tvm import relax
+
+    passes = []
+    if fuse:
+        from .passes import FuseShuffleGroupConv
+
+        passes.append(FuseShuffleGroupConv())
+    passes += [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    return passes
+
+
+def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
+    """Phase 2: Relax graph → fused Relax calling one PrimFunc per kernel."""
+    import tvm
+
+    with targets.tvm_target(preset):
+        return tvm.transform.Sequential(lower_passes(fuse))(mod)
+
+
+def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None):
+    """Phase 4: apply tuning records (if any) and generate code. Returns (executable, tuned kernels)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    target = targets.tvm_target(preset)
+    tuned = 0
+    if tuning_records is not None:
+        from . import tuning
+
+        mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records))
+    finish = tvm.transform.Sequential(
+        cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+    )
+    executable = tvm.compile(mod, target=target, relax_pipeline=finish)
+    return executable, tuned
+
+
+def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
+    """Phase 5: one deployable shared library (cross-linked for ARM presets)."""
+    output = Path(output)
+    if output.suffix != ".so":
+        raise UserError(f"-o {output}: the library must end in .so")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fcompile = targets.export_function(preset)
+    if fcompile is None:
+        executable.export_library(str(output))
+    else:
+        executable.export_library(str(output), fcompile=fcompile)
+    return output
+
+
+def count_kernels(mod) -> int:
+    import tvm
+
+    return sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def compile_model(model: str, output: Path, config: CompileConfig) -> CompileResult:
+    """import → fuse → build → export, as ``tvmshuffle compile`` does."""
+    preset = targets.resolve(config.target, config.cross_compiler)
+    targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
+    start = time.perf_counter()
+    imported = frontend.load(model, config.input_shape, config.weights)
+    log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
+    mod = lower(imported.mod, preset, fuse=config.fuse)
+    executable, tuned = build(mod, preset, config.tuning_records)
+    path = export(executable, preset, output)
+    seconds = time.perf_counter() - start
+    log.info("wrote %s in %.1f s", path, seconds)
+    return CompileResult(path, preset, count_kernels(mod), tuned, seconds, imported)

@@ -1,0 +1,79 @@
+"""Run and time a compiled model library (``.so``) on this machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class RunResult:
+    output: np.ndarray
+    #: per-repeat mean latency in ms (``number`` runs averaged in each); empty when not timed
+    times_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.times_ms)) if self.times_ms else float("nan")
+
+
+def load_library(path: str | Path):
+    """A host ``.so`` → Relax VM on the CPU. Errors name the file."""
+    import tvm
+    from tvm import relax
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as err:  # noqa: BLE001 - dlopen / TVM loader errors
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot load as a TVM library for this machine ({msg})") from err
+    try:
+        return relax.VirtualMachine(lib, tvm.cpu())
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path}: not a tvmshuffle model library (no Relax VM inside)") from err
+
+
+def load_input(path: str | Path) -> np.ndarray:
+    path = str(path)
+    if not os.path.exists(path):
+        raise UserError(f"--input {path}: no such file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"--input {path}: not a .npy array ({err})") from err
+    return np.ascontiguousarray(x, dtype="float32")
+
+
+
+
+def run(vm, x: np.ndarray, repeat: int = 0, number: int = 1) -> RunResult:
+    """Run ``main(x)``; with ``repeat`` > 0 also time it (``repeat`` samples of ``number`` runs)."""
+    import tvm
+
+    dev = tvm.cpu()
+    data = tvm.runtime.tensor(x, dev)
+    try:
+        out = vm["main"](data)
+    except Exception as err:  # noqa: BLE001 - shape mismatch is checked inside the VM
+        msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise UserError(f"--input: the library rejects an input of shape {x.shape}: {msg[-1] if msg else err}") from err
+    output = _to_numpy(out)
+    times: list[float] = []
+    if repeat > 0:
+        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+        times = [t * 1e3 for t in timer(data).results]
+    return RunResult(output, times)
+
+
+def _to_numpy(out) -> np.ndarray:
+    if hasattr(out, "numpy"):
+        return out.numpy()
+    return _to_numpy(out[0])  # a one-element tuple

@@ -1,0 +1,168 @@
+"""Target presets: one table, name → TVM target dict + how to link the shared library.
+
+A preset says what to generate code for (the TVM target, a JSON dict as TVM 0.27 takes it)
+and how to link it into a deployable ``.so`` (``None`` = the host's own compiler; otherwise a
+cross compiler command). Anything that is not a preset name may be a raw TVM target JSON
+(``'{"kind":"llvm","mtriple":"aarch64-linux-gnu"}'``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    """A named compilation target."""
+
+    name: str
+    target: dict  # TVM target dict (without num-cores; see :func:`tvm_target`)
+    cross_compiler: str | None = None  # None: link with the host compiler
+    description: str = ""
+    #: where the cross compiler comes from, said in the error when it is missing
+    install_hint: str = ""
+    #: cores of the device (MetaSchedule's ``num-cores``); None: this machine's
+    num_cores: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_cross(self) -> bool:
+        return self.cross_compiler is not None
+
+
+def _host_cpu() -> str:
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
+
+
+_AARCH64_LINUX = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+_DEBIAN_CROSS = "aarch64-linux-gnu-g++"
+_DEBIAN_HINT = "apt-get install g++-aarch64-linux-gnu"
+
+#: The preset table. ``host``'s ``mcpu`` is filled in at lookup time (detected).
+PRESETS: dict[str, TargetPreset] = {
+    p.name: p
+    for p in [
+        TargetPreset("host", {"kind": "llvm"}, None, "this machine's CPU (detected -mcpu)"),
+        TargetPreset(
+            "aarch64",
+            _AARCH64_LINUX,
+            _DEBIAN_CROSS,
+            "generic 64-bit ARM Linux with NEON",
+            _DEBIAN_HINT,
+            num_cores=4,
+        ),
+        TargetPreset(
+            "rpi4",
+            {**_AARCH64_LINUX, "mcpu": "cortex-a72"},
+            _DEBIAN_CROSS,
+            "Raspberry Pi 4 (Cortex-A72, 4 cores)",
+            _DEBIAN_HINT,
+            num_cores=4,
+        ),
+        TargetPreset(
+            "android-arm64",
+            {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a76",
+             "mattr": ["+neon"]},
+            "ndk",  # resolved from ANDROID_NDK_HOME in :func:`cross_compiler_command`
+            "Android arm64 phone (Cortex-A76); links with the NDK's clang",
+            "set ANDROID_NDK_HOME to an Android NDK",
+            num_cores=4,
+        ),
+    ]
+}
+
+ANDROID_API_LEVEL = 28
+
+
+def _parse_raw(spec: str) -> TargetPreset:
+    try:
+        target = json.loads(spec)
+    except json.JSONDecodeError:
+        names = ", ".join(PRESETS)
+        raise UserError(
+            f"--target: unknown target preset {spec!r} (presets: {names}; or a TVM target JSON dict)"
+        ) from None
+    if not isinstance(target, dict) or "kind" not in target:
+        raise UserError(f"--target: a raw target must be a JSON object with a 'kind', got {spec!r}")
+    import tvm
+
+    try:
+        tvm.target.Target(target)
+    except Exception as err:  # noqa: BLE001 - TVM raises many kinds
+        raise UserError(f"--target: TVM rejects target {spec!r}: {str(err).strip().splitlines()[-1]}") from None
+    triple = target.get("mtriple", "")
+    cross = _DEBIAN_CROSS if triple.startswith("aarch64") and "android" not in triple else None
+    if "android" in triple:
+        cross = "ndk"
+    return TargetPreset("custom", target, cross, "raw TVM target JSON", _DEBIAN_HINT if cross else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _host_preset() -> TargetPreset:
+    base = PRESETS["host"]
+    return TargetPreset(base.name, {"kind": "llvm", "mcpu": _host_cpu()}, None, base.description)
+
+
+def resolve(spec: str, cross_compiler: str | None = None) -> TargetPreset:
+    """A preset name or raw TVM target JSON → :class:`TargetPreset`; ``--cross-compiler`` overrides."""
+    if spec == "host":
+        preset = _host_preset()
+    elif spec in PRESETS:
+        preset = PRESETS[spec]
+    else:
+        preset = _parse_raw(spec)
+    if cross_compiler:
+        preset = TargetPreset(preset.name, preset.target, cross_compiler, preset.description,
+                              preset.install_hint, preset.num_cores)
+    return preset
+
+
+def tvm_target(preset: TargetPreset):
+    """The :class:`tvm.target.Target` for a preset, with ``num-cores`` set (MetaSchedule needs it)."""
+    import tvm
+
+    cores = preset.num_cores or os.cpu_count() or 1
+    return tvm.target.Target({**preset.target, "num-cores": cores})
+
+
+def cross_compiler_command(preset: TargetPreset) -> str | None:
+    """The linker command for a preset's ``.so`` (None: the host's), checked to exist."""
+    cc = preset.cross_compiler
+    if cc is None:
+        return None
+    if cc == "ndk":
+        ndk = os.environ.get("ANDROID_NDK_HOME")
+        if not ndk:
+            raise UserError(
+                f"--target {preset.name}: linking for Android needs the NDK's clang; "
+                "set ANDROID_NDK_HOME to an Android NDK (or pass --cross-compiler)"
+            )
+        cc = os.path.join(
+            ndk, "toolchains", "llvm", "prebuilt", "linux-x86_64", "bin",
+            f"aarch64-linux-android{ANDROID_API_LEVEL}-clang++",
+        )
+        if not os.path.exists(cc):
+            raise UserError(f"--target {preset.name}: ANDROID_NDK_HOME has no {cc}")
+        return cc
+    if shutil.which(cc) is None and not os.path.exists(cc):
+        hint = f" ({preset.install_hint})" if preset.install_hint else ""
+        raise UserError(f"--target {preset.name}: cross compiler {cc!r} not found{hint}")
+    return cc
+
+
+def export_function(preset: TargetPreset):
+    """``fcompile`` for ``Executable.export_library`` / MetaSchedule's builder (None: host)."""
+    cc = cross_compiler_command(preset)
+    if cc is None:
+        return None
+    from tvm.support import cc as tvm_cc
+
+    return tvm_cc.cross_compiler(cc)
