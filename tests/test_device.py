@@ -1,0 +1,167 @@
+"""The emulated aarch64 device: provision, up/status/down, and a model run on it over RPC.
+
+The device is brought up once for the module (its own key, tracker on a free port, so it never
+clashes with a user's device on 9190 or with other tests) and taken down at the end. The first
+run on a machine provisions the arm64 Python + TVM into the cache (~150 MB; apt-get installs
+qemu-user-static and the cross linker if missing); later runs reuse it.
+"""
+
+import json
+import logging
+import os
+import socket
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tvmshuffle import device, remote
+from tvmshuffle.device import provisioning
+from tvmshuffle.device import service
+from tvmshuffle.errors import UserError
+
+KEY = "emu-aarch64-test"
+SHAPE = (1, 3, 64, 64)
+
+
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` if free (stable log names in the cache), else any free port."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emu_device():
+    """``(tracker "HOST:PORT", port, status after up)``; the device is down after the module."""
+    port = free_port(preferred=9391)
+    try:
+        yield f"127.0.0.1:{port}", port, device.up(key=KEY, tracker_port=port)
+    finally:
+        device.down(tracker_port=port)
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(1200)  # cold: apt-get + ~150 MB of downloads + import check
+def test_provision_is_idempotent():
+    first = device.provision()
+    assert first.tvm_version == provisioning.TVM_VERSION
+    start = time.perf_counter()
+    second = device.provision()
+    assert second.reused and time.perf_counter() - start < 10
+    layout = second.layout
+    assert layout.wrapper.exists() and layout.python.exists()
+    assert (layout.site_packages / "tvm").is_dir() and (layout.site_packages / "tvm_ffi").is_dir()
+    assert device.is_provisioned(layout)
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(900)
+def test_up_registers_key_and_is_idempotent(emu_device):
+    tracker, port, status = emu_device
+    assert status["tracker"] == tracker and status["tracker_up"]
+    assert KEY in status["keys"]
+    assert status["pids"]["tracker"]["alive"] and status["pids"][f"server:{KEY}"]["alive"]
+    start = time.perf_counter()
+    again = device.up(key=KEY, tracker_port=port)
+    assert time.perf_counter() - start < 20  # reused, nothing started
+    assert again["pids"] == status["pids"]
+    assert json.loads(json.dumps(again)) == again  # plain data, printable as JSON
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(900)
+def test_model_runs_on_emulated_device_like_pytorch(emu_device, tmp_path):
+    from tvmshuffle.pipeline import CompileConfig, compile_model
+
+    tracker, _, _ = emu_device
+    compiled = compile_model("shufflenet_v1_g3_x0_25", tmp_path / "small-aarch64.so",
+                             CompileConfig(target="aarch64", input_shape=SHAPE))
+    x = compiled.model.random_input()
+    result = remote.run_remote(compiled.output, x, tracker=tracker, key=KEY, repeat=2, timeout=300)
+    expected = compiled.model.reference(x)
+    assert result.output.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert float(np.abs(result.output - expected).max()) <= 1e-4 * scale
+    assert len(result.times_ms) == 2 and all(t > 0 for t in result.times_ms)
+    assert result.emulated and "emulated" in result.latency_label and "NOT an ARM" in result.latency_label
+    logging.getLogger(__name__).info("%s: %s ms", result.latency_label, result.times_ms)
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(120)
+def test_unknown_key_is_user_error(emu_device, tmp_path):
+    tracker, _, _ = emu_device
+    lib = tmp_path / "any.so"
+    lib.write_bytes(b"\0")
+    with pytest.raises(UserError, match=f"no device with key 'no-such-device'.*{KEY}"):
+        remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker=tracker, key="no-such-device")
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(120)
+def test_down_stops_every_process(emu_device):
+    _, port, status = emu_device
+    pids = [entry["pid"] for entry in status["pids"].values()]
+    stopped = device.down(tracker_port=port)
+    assert len(stopped) == 2
+    after = device.status(tracker_port=port)
+    assert not after["tracker_up"] and after["keys"] == [] and after["pids"] == {}
+    for pid in pids:  # leaders and their popen workers (same process group) are gone
+        assert not [p for p in psutil.process_iter() if _pgid(p.pid) == pid and p.status() != psutil.STATUS_ZOMBIE]
+    assert device.down(tracker_port=port) == []  # idempotent
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_tracker_fails_fast(tmp_path):
+    lib = tmp_path / "any.so"
+    lib.write_bytes(b"\0")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="not reachable"):
+        remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker=f"127.0.0.1:{free_port()}", key=KEY)
+    assert time.perf_counter() - start < 10
+    with pytest.raises(UserError, match="--tracker"):
+        remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker="no-port", key=KEY)
+
+
+@pytest.mark.rpc
+@pytest.mark.timeout(120)
+def test_server_dying_at_start_is_one_line_user_error(tmp_path):
+    """A server that exits at start → UserError with its log's tail; the tracker is stopped after."""
+    layout = provisioning.EmulatorLayout(tmp_path / "cache")
+    layout.wrapper.parent.mkdir(parents=True)
+    layout.wrapper.write_text("#!/bin/sh\necho 'boom: this emulator is broken' >&2\nexit 3\n")
+    layout.wrapper.chmod(0o755)
+    layout.stamp.write_text(json.dumps(provisioning._stamp_content(layout)))  # "provisioned"
+    port = free_port()
+    try:
+        with pytest.raises(UserError, match="exited at start.*boom: this emulator is broken") as err:
+            device.up(key=KEY, tracker_port=port, cache_dir=layout.cache_dir)
+        assert "\n" not in str(err.value)
+    finally:
+        stopped = device.down(tracker_port=port, cache_dir=layout.cache_dir)
+    assert [s.split(" ")[0] for s in stopped] == ["tracker"]  # the dead server was cleaned up already
+    assert not device.status(tracker_port=port, cache_dir=layout.cache_dir)["tracker_up"]
+
+
+def test_non_loopback_host_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger=service.__name__):
+        assert service.warn_if_exposed("0.0.0.0")
+        assert not service.warn_if_exposed("127.0.0.1")
+    assert len(caplog.records) == 1 and "runs any code" in caplog.records[0].getMessage()
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
