@@ -46,7 +46,7 @@ def test_batch_norm_is_folded():
     assert "R.nn.conv2d" in text
 
 
-def test_pt2_file_with_other_input_shape(tmp_path):
+def test_pt2_file(tmp_path):
     import torch
 
     model = zoo.get_model(SMALL)
@@ -54,10 +54,33 @@ def test_pt2_file_with_other_input_shape(tmp_path):
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), path)
     imported = frontend.load(str(path))
     assert imported.input_shape == (1, 3, 32, 32) and imported.source == "pt2"
-    imported = frontend.load(str(path), (1, 3, 48, 48))
-    assert imported.input_shape == (1, 3, 48, 48)
     out, expected = compile_and_run(imported, tmp_path)
     assert_close(out, expected)
+
+
+def test_pt2_file_with_dynamic_shape_takes_input_shape(tmp_path):
+    import torch
+
+    model = zoo.get_model(SMALL)
+    path = tmp_path / "dyn.pt2"
+    k = torch.export.Dim("k", min=1, max=16)
+    exported = torch.export.export(model, (torch.randn(1, 3, 64, 64),), dynamic_shapes=({2: 32 * k, 3: 32 * k},))
+    torch.export.save(exported, path)
+    imported = frontend.load(str(path), (1, 3, 96, 96))
+    assert imported.input_shape == (1, 3, 96, 96)
+    out, expected = compile_and_run(imported, tmp_path)
+    assert_close(out, expected)
+
+
+def test_pt2_file_with_static_shape_rejects_other_input_shape(tmp_path):
+    import torch
+
+    from tvmshuffle.errors import UserError
+
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(zoo.get_model(SMALL), (torch.randn(1, 3, 32, 32),)), path)
+    with pytest.raises(UserError, match="--input-shape 1,3,48,48.*static.pt2"):
+        frontend.load(str(path), (1, 3, 48, 48))
 
 
 @pytest.mark.parametrize("opset", [13, 18])

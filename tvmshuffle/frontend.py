@@ -7,6 +7,7 @@ host reference (PyTorch or ONNX Runtime) that tests and ``bench`` compare agains
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zipfile
@@ -85,20 +86,26 @@ def _torch_reference(module) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _from_torch(name: str, module, shape, source: str) -> ImportedModel:
+def _from_torch(name: str, module, shape, source: str, where: str | None = None,
+                exported=None) -> ImportedModel:
+    """``module`` → Relax via torch.export (or the given ``exported`` program for ``shape``).
+
+    Errors name ``where`` (the file) or the model.
+    """
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
-    example = torch.zeros(shape)
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(module, (example,))
-    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
-        raise UserError(f"{name}: torch.export failed for input shape {shape}: {_first_line(err)}") from err
+    where = where or name
+    if exported is None:
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(module, (torch.zeros(shape),))
+        except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
+            raise UserError(f"{where}: torch.export failed for input shape {shape}: {_first_line(err)}") from err
     try:
         mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
     except AssertionError as err:  # the importer asserts on unsupported ops
-        raise UserError(f"{name}: {_first_line(err)} (the PyTorch importer cannot translate this op)") from err
+        raise UserError(f"{where}: {_first_line(err)} (the PyTorch importer cannot translate this op)") from err
     return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _torch_reference(module), source, module)
 
 
@@ -106,18 +113,31 @@ def _load_pt2(path: str, input_shape) -> ImportedModel:
     import torch
 
     _check_file(path)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a torch.export archive (a .pt2 is a zip file; this one is not)")
     try:
-        exported = torch.export.load(path)
+        with _quiet("torch.export"):
+            exported = torch.export.load(path)
     except (zipfile.BadZipFile, RuntimeError, KeyError, ValueError, EOFError) as err:
         raise UserError(f"{path}: not a readable torch.export archive ({_first_line(err)})") from err
-    module = exported.module()
-    if input_shape is None:
-        example = exported.example_inputs[0][0] if exported.example_inputs else None
-        if example is None:
-            raise UserError(f"{path}: the archive stores no example input; pass --input-shape")
-        input_shape = tuple(example.shape)
+    example = exported.example_inputs[0][0] if exported.example_inputs else None
+    saved_shape = tuple(example.shape) if example is not None else None
+    if input_shape is None and saved_shape is None:
+        raise UserError(f"{path}: the archive stores no example input; pass --input-shape")
     name = os.path.splitext(os.path.basename(path))[0]
-    return _from_torch(name, module, input_shape, "pt2")
+    module = exported.module(check_guards=False)
+    if input_shape is None or input_shape == saved_shape:
+        return _from_torch(name, module, saved_shape, "pt2", where=path, exported=exported)
+    # Another input shape: re-export the archive's graph (works when its shapes are not baked in).
+    try:
+        with torch.no_grad():
+            module(torch.zeros(input_shape))
+    except Exception as err:  # noqa: BLE001
+        raise UserError(
+            f"--input-shape {','.join(map(str, input_shape))}: {path} was exported for {saved_shape} and "
+            f"does not run at this shape ({_first_line(err)}); export it with dynamic_shapes"
+        ) from err
+    return _from_torch(name, module, input_shape, "pt2", where=path)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -180,6 +200,18 @@ def fold_batch_norm(mod):
         ]
     )
     return seq(mod)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a library's logger (torch logs whole tracebacks on its way to raising)."""
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def _check_file(path: str) -> None:

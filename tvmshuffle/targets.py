@@ -166,3 +166,17 @@ def export_function(preset: TargetPreset):
     from tvm.support import cc as tvm_cc
 
     return tvm_cc.cross_compiler(cc)
+
+
+def host_cpu_name() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (for reports)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
