@@ -108,6 +108,7 @@ def cmd_inspect(args) -> int:
             "input_shape": list(imported.input_shape),
             "kernels": [k.as_dict() for k in rows],
             "standalone_shuffle_kernels": shuffles,
+            "standalone_shuffle_calls": sum(k.calls for k in rows if k.standalone_shuffle),
             "fused_shuffle_conv_kernels": fused,
             "total_macs": sum(k.macs * k.calls for k in rows),
         }, indent=2))
@@ -117,7 +118,8 @@ def cmd_inspect(args) -> int:
     for k in rows:
         note = "STANDALONE SHUFFLE" if k.standalone_shuffle else ("shuffle fused" if k.fused_shuffle_conv else "")
         calls = f" x{k.calls}" if k.calls > 1 else ""
-        print(f"{k.name + calls:<48} {str(k.output):<20} {k.macs / 1e6:>9.3f}  {note}")
+        outputs = " ".join(map(str, k.outputs))
+        print(f"{k.name + calls:<48} {outputs:<20} {k.macs / 1e6:>9.3f}  {note}")
     print(f"{len(rows)} kernels, {shuffles} standalone shuffle kernels, {fused} fused shuffle+conv kernels")
     return 0
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("error")
         print(f"tvmshuffle: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tvmshuffle ... | head`
+        return 0
     except KeyboardInterrupt:
         print("tvmshuffle: interrupted", file=sys.stderr)
         return 130

@@ -162,6 +162,7 @@ def _load_onnx(path: str, input_shape) -> ImportedModel:
     shape = input_shape or dims
     if not shape or any(d <= 0 for d in shape):
         raise UserError(f"{path}: input {inp.name!r} has a dynamic shape {dims}; pass --input-shape")
+    proto = _simplify_onnx(path, proto)
     try:
         mod = from_onnx(proto, shape_dict={inp.name: list(shape)}, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as err:
@@ -170,6 +171,31 @@ def _load_onnx(path: str, input_shape) -> ImportedModel:
         raise UserError(f"{path}: the ONNX importer failed: {_first_line(err)}") from err
     name = os.path.splitext(os.path.basename(path))[0]
     return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _ort_reference(path, inp.name), "onnx")
+
+
+def _simplify_onnx(path: str, proto):
+    """ONNX Runtime's basic graph optimisations (constant folding), offline.
+
+    The TorchScript exporter writes ``torch.chunk`` as Shape/Gather/Div/Slice arithmetic,
+    which TVM imports as dynamically shaped slices; folded, it is a static ``Slice``. A graph
+    that ONNX Runtime cannot load is passed on unchanged (TVM's importer names the bad op).
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = os.path.join(tmp, "basic.onnx")
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            return onnx.load(options.optimized_model_filepath)
+        except Exception as err:  # noqa: BLE001
+            log.debug("%s: ONNX Runtime could not pre-optimise the graph (%s)", path, err)
+            return proto
 
 
 def _ort_reference(path: str, input_name: str) -> Callable[[np.ndarray], np.ndarray]:

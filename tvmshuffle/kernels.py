@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 class Kernel:
     name: str
     inputs: list[list[int]]  # shapes of the tensor arguments (activations and weights)
-    output: list[int]
+    outputs: list[list[int]]  # one shape per output tensor (a split has several)
     macs: int  # multiply-accumulates of its reduction blocks (conv, matmul)
     standalone_shuffle: bool  # contains a transpose: a shuffle copy through memory
     fused_shuffle_conv: bool  # contains the fused shuffle_group_conv2d operator
@@ -46,17 +46,32 @@ def _has_root(sch) -> bool:
         return False
 
 
+def _is_multiply_accumulate(block) -> bool:
+    """A reduction block whose update is ``acc + a * b`` (conv, matmul; not pooling)."""
+    import tvm
+
+    reduces = [iv for iv in block.iter_vars if iv.iter_type == 2]  # CommReduce
+    body = block.body
+    if not reduces or not isinstance(body, tvm.tirx.BufferStore) or not isinstance(body.value, tvm.tirx.Add):
+        return False
+    return any(isinstance(operand, tvm.tirx.Mul) for operand in (body.value.a, body.value.b))
+
+
 def _macs(blocks) -> int:
-    total = 0
-    for block in blocks:
-        reduces = [iv for iv in block.iter_vars if iv.iter_type == 2]  # CommReduce
-        if reduces and "*" in str(block.body):
-            total += math.prod(int(iv.dom.extent) for iv in block.iter_vars)
-    return total
+    return sum(
+        math.prod(int(iv.dom.extent) for iv in block.iter_vars)
+        for block in blocks
+        if _is_multiply_accumulate(block)
+    )
 
 
 def _shape(ty) -> list[int]:
     return [int(d) for d in ty.shape]
+
+
+def _shapes(ty) -> list[list[int]]:
+    fields = getattr(ty, "fields", None)
+    return [_shape(f) for f in fields] if fields is not None else [_shape(ty)]
 
 
 def list_kernels(mod) -> list[Kernel]:
@@ -80,7 +95,7 @@ def list_kernels(mod) -> list[Kernel]:
         rows[gvar.name_hint] = Kernel(
             name=gvar.name_hint,
             inputs=args,
-            output=_shape(expr.ty),
+            outputs=_shapes(expr.ty),
             macs=_macs(blocks),
             standalone_shuffle=any("transpose" in n for n in names),
             fused_shuffle_conv=any("shuffle_group_conv2d" in n for n in names) or "shuffle_group_conv2d" in gvar.name_hint,

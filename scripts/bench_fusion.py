@@ -1,0 +1,118 @@
+"""Fused vs unfused: end-to-end and shuffle-adjacent per-layer latency on this CPU.
+
+For each model: import once, lower with and without FuseShuffleGroupConv, build both (with
+tuning records when given / shipped), then time both in this one process, interleaved, median
+of >= 30 runs. Per layer: in the unfused build, every standalone shuffle kernel plus the
+convolution kernel that consumes it; in the fused build, the fused shuffle+conv kernels.
+
+    python scripts/bench_fusion.py [--models shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0]
+                                   [--runs 30] [--threads 2] [--tuned] [--json out/bench_fusion.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from pathlib import Path
+
+import numpy as np
+
+from tvmshuffle.targets import host_cpu_name
+
+
+def shuffle_adjacent(rows, fused: bool):
+    """(kernel time rows) → the rows that hold shuffles: fused kernels, or shuffle + its consumer."""
+    if fused:
+        return [r for r in rows if r.kernel.fused_shuffle_conv]
+    picked, take_next = [], False
+    for r in rows:  # rows in call order
+        if r.kernel.standalone_shuffle:
+            picked.append(r)
+            take_next = True
+        elif take_next and r.kernel.macs:
+            picked.append(r)
+            take_next = False
+    return picked
+
+
+def bench_model(name: str, runs: int, records_root: Path | None):
+    import tvm
+
+    from tvmshuffle import frontend, kernels, pipeline, profile, runtime, targets
+
+    preset = targets.resolve("host")
+    imported = frontend.load(name)
+    x = imported.random_input()
+    expected = imported.reference(x)
+    result = {"model": name, "variants": {}}
+    vms = {}
+    for fused in (False, True):
+        label = "fused" if fused else "unfused"
+        mod = pipeline.lower(imported.mod, preset, fuse=fused)
+        records = None
+        if records_root is not None:
+            candidate = records_root / preset.name / (name + ("" if fused else "-unfused"))
+            records = candidate if candidate.exists() else None
+        executable, tuned = pipeline.build(mod, preset, records)
+        vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+        out = runtime.run(vm, x).output
+        err = float(np.abs(out - expected).max() / max(1.0, np.abs(expected).max()))
+        rows = profile.time_kernels(profile.kernel_library(executable), kernels.list_kernels(mod))
+        by_name = {r.kernel.name: r for r in rows}
+        ordered = [by_name[k.name] for k in kernels.list_kernels(mod)]
+        adjacent = shuffle_adjacent(ordered, fused)
+        vms[label] = vm
+        result["variants"][label] = {
+            "tuned_kernels": tuned,
+            "max_rel_error": err,
+            "kernels": len(rows),
+            "standalone_shuffle_kernels": sum(r.kernel.standalone_shuffle for r in rows),
+            "shuffle_adjacent_ms": sum(r.total_ms for r in adjacent),
+            "shuffle_kernels_ms": sum(r.total_ms for r in rows if r.kernel.standalone_shuffle),
+            "layers": [r.as_dict() for r in adjacent],
+        }
+    # End to end, interleaved so that both see the same machine state.
+    samples = {label: [] for label in vms}
+    data = tvm.runtime.tensor(x, tvm.cpu())
+    for _ in range(runs):
+        for label, vm in vms.items():
+            timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1)
+            samples[label].append(timer(data).results[0] * 1e3)
+    for label, times in samples.items():
+        result["variants"][label]["median_ms"] = float(np.median(times))
+        result["variants"][label]["p10_ms"] = float(np.percentile(times, 10))
+        result["variants"][label]["p90_ms"] = float(np.percentile(times, 90))
+    v = result["variants"]
+    result["fused_speedup"] = v["unfused"]["median_ms"] / v["fused"]["median_ms"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["shufflenet_v1_g3_x1_0", "shufflenet_v2_x1_0"])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--tuned", action="store_true", help="apply records from tuning_logs/")
+    parser.add_argument("--json", default="out/bench_fusion.json")
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    records = Path(__file__).resolve().parent.parent / "tuning_logs" if args.tuned else None
+    report = {"cpu": host_cpu_name(), "threads": args.threads,
+              "runs": args.runs, "tuned": args.tuned, "models": []}
+    for name in args.models:
+        r = bench_model(name, args.runs, records)
+        report["models"].append(r)
+        u, f = r["variants"]["unfused"], r["variants"]["fused"]
+        print(f"{name}: unfused {u['median_ms']:.2f} ms ({u['standalone_shuffle_kernels']} shuffle kernels, "
+              f"{u['shuffle_kernels_ms']:.2f} ms in them), fused {f['median_ms']:.2f} ms "
+              f"({f['standalone_shuffle_kernels']} shuffle kernels) -> x{r['fused_speedup']:.3f}; "
+              f"shuffle-adjacent layers {u['shuffle_adjacent_ms']:.2f} -> {f['shuffle_adjacent_ms']:.2f} ms")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
