@@ -66,28 +66,65 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     import numpy as np
 
-    from . import runtime
+    from . import frontend, pipeline, runtime
 
     if args.repeat < 0 or args.number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
-    vm = runtime.load_library(args.library)
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise UserError("--rpc-tracker and --rpc-key go together")
     x = runtime.load_input(args.input)
-    repeat = args.repeat if (args.print_time or args.repeat) else 0
-    if args.print_time and repeat == 0:
-        repeat = 10
-    result = runtime.run(vm, x, repeat=repeat, number=args.number)
+    repeat = args.repeat or (10 if args.print_time else 0)
+    if args.rpc_tracker:
+        from . import remote
+
+        result = remote.run_remote(args.library, x, tracker=args.rpc_tracker, key=args.rpc_key,
+                                   repeat=repeat, number=args.number)
+        where = result.latency_label
+    else:
+        result = runtime.run(runtime.load_library(args.library), x, repeat=repeat, number=args.number)
+        where = "latency on this CPU"
     y = result.output
     top = np.argsort(y.reshape(y.shape[0], -1)[0])[::-1][:5]
     print(f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}, top-5 {top.tolist()}")
     if result.times_ms:
         t = np.array(result.times_ms)
-        print(
-            f"latency (this CPU): median {np.median(t):.3f} ms, p10 {np.percentile(t, 10):.3f}, "
-            f"p90 {np.percentile(t, 90):.3f} ms over {len(t)} x {args.number} runs"
-        )
+        print(f"{where}: median {np.median(t):.3f} ms, p10 {np.percentile(t, 10):.3f}, "
+              f"p90 {np.percentile(t, 90):.3f} ms over {len(t)} x {args.number} runs")
     if args.output:
         np.save(args.output, y)
         print(f"saved {args.output}")
+    meta = pipeline.read_metadata(Path(args.library))
+    if args.check and meta:
+        expected = frontend.reference(meta["model"], meta.get("weights"))(x)
+        err = float(np.abs(y - expected).max() / max(1.0, float(np.abs(expected).max())))
+        ok = y.shape == expected.shape and err <= args.tolerance
+        print(f"check against {'ONNX Runtime' if meta['model'].endswith('.onnx') else 'PyTorch'} "
+              f"on the host ({meta['model']}): max relative error {err:.2e} -> {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            raise UserError(f"{args.library}: output differs from the reference (error {err:.2e} > {args.tolerance})")
+    return 0
+
+
+def cmd_device(args) -> int:
+    from . import device
+
+    if args.action == "up":
+        info = device.up(key=args.key, tracker_port=args.tracker_port, host=args.host)
+    elif args.action == "status":
+        info = device.status(tracker_port=args.tracker_port, host=args.host)
+    else:
+        stopped = device.down(tracker_port=args.tracker_port, host=args.host)
+        info = {"stopped": stopped}
+    if args.json or args.action == "down":
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"tracker {info['tracker']}: {'up' if info['tracker_up'] else 'down'}")
+    print(f"devices registered: {', '.join(info['keys']) or 'none'}")
+    for name, pid in info.get("pids", {}).items():
+        print(f"  {name}: pid {pid['pid']} {'alive' if pid['alive'] else 'dead'}")
+    if info["keys"]:
+        key = info["keys"][0]
+        print(f"use: --rpc-tracker {info['tracker']} --rpc-key {key}   (emulated aarch64: timings are not ARM timings)")
     return 0
 
 
@@ -159,14 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("run", help="run a compiled host library on an input .npy")
-    p.add_argument("library", help="a .so from `tvmshuffle compile --target host`")
+    p = sub.add_parser("run", help="run a compiled library here or on a device behind an RPC tracker")
+    p.add_argument("library", help="a .so from `tvmshuffle compile`")
     p.add_argument("--input", required=True, help="input tensor as .npy (float32, N,C,H,W)")
     p.add_argument("--output", help="save the output here (.npy)")
     p.add_argument("--repeat", type=int, default=0, help="timed samples (default 0; 10 with --print-time)")
     p.add_argument("--number", type=int, default=1, help="runs averaged per sample")
     p.add_argument("--print-time", action="store_true", help="print the latency")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: run on the device there")
+    p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="do not compare with PyTorch/ONNX Runtime on the host (done when model.so.json is there)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
+    p.add_argument("action", choices=["up", "status", "down"])
+    p.add_argument("--key", default="emu-aarch64", help="device key (default emu-aarch64)")
+    p.add_argument("--tracker-port", type=int, default=9190, help="tracker port (default 9190)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; an RPC server runs any code it is sent)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_device)
     return parser
 
 

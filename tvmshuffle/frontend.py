@@ -73,6 +73,26 @@ def load(model: str, input_shape: tuple[int, ...] | None = None, weights: str | 
     return _from_torch(model, module, shape, "zoo")
 
 
+def reference(model: str, weights: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The host reference for ``model`` (PyTorch, or ONNX Runtime for .onnx) without importing to Relax."""
+    if model.endswith(".onnx"):
+        import onnx
+
+        _check_file(model)
+        proto = onnx.load(model)
+        init = {t.name for t in proto.graph.initializer}
+        name = next(i.name for i in proto.graph.input if i.name not in init)
+        return _ort_reference(model, name)
+    if model.endswith(".pt2"):
+        import torch
+
+        _check_file(model)
+        return _torch_reference(torch.export.load(model).module(check_guards=False))
+    from .models import zoo
+
+    return _torch_reference(zoo.get_model(model, weights=weights))
+
+
 # --------------------------------------------------------------------------- PyTorch
 
 

@@ -16,7 +16,9 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,45 @@ def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
     return output
 
 
+def metadata_path(library: Path) -> Path:
+    """``model.so`` → ``model.so.json``: what the library was compiled from (for run/profile)."""
+    return Path(str(library) + ".json")
+
+
+def write_metadata(library: Path, model: str, config: CompileConfig, preset: targets.TargetPreset,
+                   imported: frontend.ImportedModel, mod) -> Path:
+    import tvm
+
+    from . import __version__, kernels
+
+    is_file = os.path.exists(model)
+    meta = {
+        "model": os.path.abspath(model) if is_file else model,
+        "weights": os.path.abspath(config.weights) if config.weights else None,
+        "input_shape": list(imported.input_shape),
+        "target": preset.name,
+        "tvm_target": preset.target,
+        "fused": config.fuse,
+        "tuning_records": str(config.tuning_records) if config.tuning_records else None,
+        "kernels": [k.as_dict() for k in kernels.list_kernels(mod)],
+        "tvmshuffle": __version__,
+        "tvm": tvm.__version__,
+    }
+    path = metadata_path(library)
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_metadata(library: Path) -> dict | None:
+    path = metadata_path(library)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable library metadata ({err}); recompile or delete it") from err
+
+
 def count_kernels(mod) -> int:
     import tvm
 
@@ -118,6 +159,8 @@ def count_kernels(mod) -> int:
 
 def compile_model(model: str, output: Path, config: CompileConfig) -> CompileResult:
     """import → fuse → build → export, as ``tvmshuffle compile`` does."""
+    if Path(output).suffix != ".so":
+        raise UserError(f"-o {output}: the library must end in .so")
     preset = targets.resolve(config.target, config.cross_compiler)
     targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
     start = time.perf_counter()
@@ -126,6 +169,7 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     mod = lower(imported.mod, preset, fuse=config.fuse)
     executable, tuned = build(mod, preset, config.tuning_records)
     path = export(executable, preset, output)
+    write_metadata(path, model, config, preset, imported, mod)
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
     return CompileResult(path, preset, count_kernels(mod), tuned, seconds, imported)
