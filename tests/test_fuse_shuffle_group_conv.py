@@ -97,6 +97,70 @@ def test_shuffle_then_grouped_conv():
     _assert_unchanged(After)  # nothing left to fuse: the pass is idempotent
 
 
+def test_v2_half_into_dense_conv_reads_affine_channels():
+    """The conv half of a V2 split: a dense 1x1 conv reading shuffled channels 2..3 of 4 (g=2).
+
+    Shuffled channel 2 + j*2 + i is source channel i*2 + j + 1: the reduction is split into
+    (ri over groups, rj inside a group) so that no division or modulo is left in it.
+    """
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 2, 2), "float32"), w: R.Tensor((3, 2, 1, 1), "float32")):
+            with R.dataflow():
+                r = R.reshape(x, R.shape([1, 2, 2, 2, 2]))
+                t = R.permute_dims(r, axes=[0, 2, 1, 3, 4])
+                s = R.reshape(t, R.shape([1, 4, 2, 2]))
+                halves = R.split(s, indices_or_sections=[2], axis=1)
+                right = halves[1]
+                gv = R.nn.conv2d(right, w)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def shuffle_group_conv2d(
+            x: T.Buffer((T.int64(1), T.int64(4), T.int64(2), T.int64(2)), "float32"),
+            w: T.Buffer((T.int64(3), T.int64(2), T.int64(1), T.int64(1)), "float32"),
+            out: T.Buffer((T.int64(1), T.int64(3), T.int64(2), T.int64(2)), "float32"),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            for n, o, y, x_1, ri, rj, ry, rx in T.grid(
+                T.int64(1), T.int64(3), T.int64(2), T.int64(2), T.int64(2), T.int64(1), T.int64(1), T.int64(1)
+            ):
+                with T.sblock("shuffle_group_conv2d"):
+                    v_n, v_o, v_y, v_x, v_ri, v_rj, v_ry, v_rx = T.axis.remap(
+                        "SSSSRRRR", [n, o, y, x_1, ri, rj, ry, rx]
+                    )
+                    T.reads(
+                        x[v_n, v_ri * T.int64(2) + v_rj + T.int64(1), v_y + v_ry, v_x + v_rx],
+                        w[v_o, v_rj * T.int64(2) + v_ri, v_ry, v_rx],
+                    )
+                    T.writes(out[v_n, v_o, v_y, v_x])
+                    with T.init():
+                        out[v_n, v_o, v_y, v_x] = T.float32(0.0)
+                    out[v_n, v_o, v_y, v_x] = (
+                        out[v_n, v_o, v_y, v_x]
+                        + x[v_n, v_ri * T.int64(2) + v_rj + T.int64(1), v_y + v_ry, v_x + v_rx]
+                        * w[v_o, v_rj * T.int64(2) + v_ri, v_ry, v_rx]
+                    )
+
+        @R.function
+        def main(
+            x: R.Tensor((1, 4, 2, 2), "float32"), w: R.Tensor((3, 2, 1, 1), "float32")
+        ) -> R.Tensor((1, 3, 2, 2), "float32"):
+            cls = Expected
+            with R.dataflow():
+                gv = R.call_tir(cls.shuffle_group_conv2d, (x, w), out_ty=R.Tensor((1, 3, 2, 2), "float32"))
+                R.output(gv)
+            return gv
+
+    After = FuseShuffleGroupConv()(Before)
+    tvm.ir.assert_structural_equal(After, Expected)
+
+
 def test_shuffle_then_depthwise_conv_bias_relu():
     """V1: the depthwise 3x3 (stride 2, padding 1) reads the shuffle; its epilogue stays."""
 

@@ -103,7 +103,10 @@ def _shuffled_reader(data: te.Tensor, groups: int, offset: int):
 
 
 def _zero_padded(read, shape, pads, dtype: str):
-    """A ``shuffle_pad`` stage holding ``read`` (of ``shape``) with a zero border; its reader."""
+    """A ``shuffle_pad`` stage holding ``read`` (of ``shape``) with a zero border; its reader.
+
+    (Named for the operator it belongs to; it pads the unshuffled data.)
+    """
     batch, count, height, width = shape
     top, left, bottom, right = pads
     padded = te.compute(
@@ -153,8 +156,12 @@ def shuffle_group_conv2d(
     -------
     te.Tensor
         ``[N, O, OH, OW]``, computed by the block ``shuffle_group_conv2d``. With non-zero
-        padding a ``shuffle_pad`` stage (shuffled read + zero border) comes first, like
-        TOPI's ``pad_temp``; without padding the convolution reads ``data`` directly.
+        padding a ``shuffle_pad`` stage (the *unshuffled* data with a zero border, like
+        TOPI's ``pad_temp``) comes first; the convolution always reads through the shuffle
+        index. Where every convolution group's channels are whole multiples of the shuffle
+        groups (dense and grouped 1x1 convs, V2's halves) the reduction is split in two
+        (``ri`` over shuffle groups, ``rj`` inside one) so the index is affine; depthwise
+        convolutions read ``(c % g) * (C / g) + c // g`` per output channel.
     """
     batch, channels, height, width = _static_shape(data)
     out_channels, group_in, kernel_h, kernel_w = _static_shape(weight)
@@ -169,22 +176,46 @@ def shuffle_group_conv2d(
     out_h = (height + pad_top + pad_bottom - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (width + pad_left + pad_right - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
 
-    read = _shuffled_reader(data, shuffle_groups, channel_offset)
+    source = (lambda n, c, y, x: data[n, c, y, x])
     if pad_top or pad_left or pad_bottom or pad_right:
-        read = _zero_padded(read, (batch, count, height, width), (pad_top, pad_left, pad_bottom, pad_right), data.dtype)
-
-    rc = te.reduce_axis((0, group_in), name="rc")
+        # Zero border around the *unshuffled* data: the permutation stays in the conv's read.
+        source = _zero_padded(source, (batch, channels, height, width),
+                              (pad_top, pad_left, pad_bottom, pad_right), data.dtype)
     ry = te.reduce_axis((0, kernel_h), name="ry")
     rx = te.reduce_axis((0, kernel_w), name="rx")
     out_per_group = out_channels // conv_groups
+    g, per_group = shuffle_groups, channels // shuffle_groups
 
     def _cast(value):
         return value if value.dtype == out_dtype else value.astype(out_dtype)
 
-    def compute(n, o, y, x):
-        channel = rc if conv_groups == 1 else o // out_per_group * group_in + rc
-        pixel = read(n, channel, y * stride_h + ry * dilation_h, x * stride_w + rx * dilation_w)
-        return te.sum(_cast(pixel) * _cast(weight[o, rc, ry, rx]), axis=[rc, ry, rx])
+    def first_channel(o):
+        """First shuffled channel that output channel ``o``'s convolution group reads."""
+        return channel_offset if conv_groups == 1 else channel_offset + o // out_per_group * group_in
+
+    if group_in % g == 0 and channel_offset % g == 0:
+        # Affine form: split the reduction over the group's channels as rc = j * g + i.
+        # Shuffled channel first + j*g + i is source channel i * (C/g) + first/g + j: no
+        # division or modulo in the reduction, and consecutive j read consecutive channels.
+        ri = te.reduce_axis((0, g), name="ri")
+        rj = te.reduce_axis((0, group_in // g), name="rj")
+
+        def first_source(o):
+            return channel_offset // g + (0 if conv_groups == 1 else o // out_per_group * (group_in // g))
+
+        def compute(n, o, y, x):
+            pixel = source(n, ri * per_group + first_source(o) + rj,
+                           y * stride_h + ry * dilation_h, x * stride_w + rx * dilation_w)
+            return te.sum(_cast(pixel) * _cast(weight[o, rj * g + ri, ry, rx]), axis=[ri, rj, ry, rx])
+
+    else:
+        # Depthwise (one channel a group) and uneven slices: the shuffle index per channel.
+        rc = te.reduce_axis((0, group_in), name="rc")
+
+        def compute(n, o, y, x):
+            channel = shuffle_source_channel(first_channel(o) + rc, g, channels)
+            pixel = source(n, channel, y * stride_h + ry * dilation_h, x * stride_w + rx * dilation_w)
+            return te.sum(_cast(pixel) * _cast(weight[o, rc, ry, rx]), axis=[rc, ry, rx])
 
     return te.compute((batch, out_channels, out_h, out_w), compute, name=CONV_NAME)
 
