@@ -1,0 +1,120 @@
+"""Shared fixtures. Add yours below; keep each one's processes in its own process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process group ``proc`` leads (started with start_new_session=True), then
+    SIGKILL whatever is left after ``grace`` seconds."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    if pgid != proc.pid:  # not its own group leader: never signal someone else's group
+        proc.kill()
+        proc.wait()
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            # the leader is gone; children of the group may linger a moment
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # stragglers (forked session handlers)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@dataclass
+class RPCEnv:
+    """A running RPC tracker with one host (not emulated) RPC server registered under ``key``."""
+
+    tracker: str  # "127.0.0.1:PORT"
+    key: str
+    host: str
+    port: int
+    log_dir: Path
+
+
+def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None:
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"RPC {name} exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                pass
+            tracker = rpc.connect_tracker(host, port)
+            try:
+                last = tracker.summary()
+            finally:
+                tracker.close()
+            if last.get("queue_info", {}).get(key, {}).get("free", 0) > 0:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"RPC server with key {key!r} did not register within {timeout} s: {last}")
+
+
+@pytest.fixture(scope="session")
+def rpc_env(tmp_path_factory):
+    """``python -m tvm.exec.rpc_tracker`` + ``python -m tvm.exec.rpc_server`` on 127.0.0.1
+    (free ports, each in its own process group, killed as a group at teardown)."""
+    log_dir = tmp_path_factory.mktemp("rpc")
+    host = "127.0.0.1"
+    key = "tvmshuffle-test-host"
+    tracker_port = free_port()
+    server_port = free_port()
+    procs: list[tuple[str, subprocess.Popen]] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        with open(log_dir / "tracker.log", "wb") as out:
+            procs.append(("tracker", subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
+                 "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env,
+            )))
+        with open(log_dir / "server.log", "wb") as out:
+            procs.append(("server", subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+                 "--port", str(server_port), "--port-end", str(server_port + 1),
+                 "--tracker", f"{host}:{tracker_port}", "--key", key],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env,
+            )))
+        _wait_for_key(host, tracker_port, key, procs, timeout=60.0)
+        yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir)
+    finally:
+        for _, proc in reversed(procs):
+            kill_group(proc)

@@ -1,0 +1,395 @@
+"""MetaSchedule tuning: local and over RPC, records on disk, resume after a kill, errors.
+
+Real processes throughout (builders, runners, an RPC tracker and server, a tuning process
+that gets SIGKILLed); budgets are a handful of trials on a tiny conv2d+relu → dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tvmshuffle import targets, tuning
+from tvmshuffle.errors import UserError
+
+from conftest import free_port, kill_group
+
+#: small and quick: tiny population, one measurement per candidate
+FAST = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=False,
+            builder_timeout_sec=120, runner_timeout_sec=60)
+
+
+def _lower(mod, preset):
+    import tvm
+    from tvm import relax
+
+    with targets.tvm_target(preset):
+        return tvm.transform.Sequential([
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(lowered module, host preset, input, PyTorch's output): conv2d+relu → dense."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    mod = from_exported_program(torch.export.export(model, (x,)))
+    preset = targets.resolve("host")
+    return _lower(mod, preset), preset, x.numpy(), expected
+
+
+def _run(mod, preset, records_dir, x):
+    """Compile as the pipeline does (records applied first) and run: (output, tuned kernels)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    target = targets.tvm_target(preset)
+    tuned = 0
+    if records_dir is not None:
+        mod, tuned = tuning.apply_records(mod, preset, records_dir)
+    finish = tvm.transform.Sequential(
+        cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+    )
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=finish), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    out = out[0] if not hasattr(out, "numpy") else out
+    return out.numpy(), tuned
+
+
+def _lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def tuned_local(tiny, tmp_path_factory):
+    mod, preset, _, _ = tiny
+    records = tmp_path_factory.mktemp("local") / "host" / "tiny"
+    result = tuning.tune(mod, preset, tuning.TuneConfig(trials=6, records_dir=records, **FAST))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# local
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tune_local_records_apply_and_output(tiny, tuned_local):
+    mod, preset, x, expected = tiny
+    res = tuned_local
+    rec = res.records_dir
+    assert res.trials_run >= 6 and res.trials_total == res.trials_run
+    assert len(_lines(rec / tuning.RECORD_FILE)) == res.trials_total
+    assert len(_lines(rec / tuning.WORKLOAD_FILE)) == len(res.tasks) == 3
+    assert sum(t.trials for t in res.tasks) == res.trials_total
+    assert all(t.best_us is not None and t.best_us > 0 for t in res.tasks)
+    assert res.est_latency_ms == pytest.approx(sum(t.weight * t.best_us for t in res.tasks) / 1e3)
+
+    stored = json.loads((rec / tuning.TARGET_FILE).read_text())
+    assert stored["preset"] == "host"
+    assert stored["target"] == json.loads(str(targets.tvm_target(preset)))
+
+    curve = json.loads((rec / tuning.CURVE_FILE).read_text())
+    assert [p["trials"] for p in curve] == sorted(p["trials"] for p in curve)
+    assert curve[-1]["trials"] == res.trials_total
+    assert curve[-1]["est_latency_ms"] == pytest.approx(res.est_latency_ms)
+    assert (rec / "logs").is_dir()
+
+    out, tuned = _run(mod, preset, rec, x)
+    assert tuned >= 1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_budget_already_met_does_nothing(tiny, tuned_local):
+    mod, preset, _, _ = tiny
+    before = (tuned_local.records_dir / tuning.RECORD_FILE).read_bytes()
+    res = tuning.tune(mod, preset, tuning.TuneConfig(
+        trials=tuned_local.trials_total, records_dir=tuned_local.records_dir, **FAST))
+    assert res.trials_run == 0
+    assert res.trials_total == tuned_local.trials_total
+    assert (tuned_local.records_dir / tuning.RECORD_FILE).read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_apply_tolerates_a_torn_last_line(tiny, tuned_local, tmp_path, caplog):
+    mod, preset, x, expected = tiny
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for name in (tuning.WORKLOAD_FILE, tuning.RECORD_FILE, tuning.TARGET_FILE):
+        (rec / name).write_bytes((tuned_local.records_dir / name).read_bytes())
+    whole = (rec / tuning.RECORD_FILE).read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    (rec / tuning.RECORD_FILE).write_bytes(whole + last[: len(last) // 2])  # killed mid-append
+    with caplog.at_level(logging.WARNING, logger="tvmshuffle.tuning"):
+        out, tuned = _run(mod, preset, rec, x)
+    assert tuned >= 1
+    assert "truncated last line" in caplog.text
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # applying does not modify the records
+    assert (rec / tuning.RECORD_FILE).read_bytes() == whole + last[: len(last) // 2]
+
+
+# --------------------------------------------------------------------------------------------
+# refusing records
+
+
+def _fake_records(path: Path, preset_name: str) -> Path:
+    path.mkdir(parents=True)
+    (path / tuning.WORKLOAD_FILE).write_text("")
+    (path / tuning.RECORD_FILE).write_text("")
+    tuning._write_target_json(path, targets.resolve(preset_name))
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_apply_refuses_records_of_another_target(tiny, tmp_path):
+    mod, preset, _, _ = tiny
+    rec = _fake_records(tmp_path / "aarch64" / "tiny", "aarch64")
+    with pytest.raises(UserError, match=r"tuned for target aarch64.*not for host.*15549"):
+        tuning.apply_records(mod, preset, rec)
+    # and tuning refuses to add host records to them
+    with pytest.raises(UserError, match="refusing to add to"):
+        tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
+
+
+@pytest.mark.timeout(60)
+def test_apply_refuses_missing_or_empty_dirs(tiny, tmp_path):
+    mod, preset, _, _ = tiny
+    with pytest.raises(UserError, match="no such directory"):
+        tuning.apply_records(mod, preset, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no tuning database"):
+        tuning.apply_records(mod, preset, tmp_path / "empty")
+    rec = _fake_records(tmp_path / "untagged", "host")
+    (rec / tuning.TARGET_FILE).unlink()
+    with pytest.raises(UserError, match="no target.json"):
+        tuning.apply_records(mod, preset, rec)
+
+
+@pytest.mark.timeout(60)
+def test_apply_empty_database_tunes_nothing(tiny, tmp_path):
+    mod, preset, x, expected = tiny
+    rec = _fake_records(tmp_path / "host" / "tiny", "host")
+    out, tuned = _run(mod, preset, rec, x)
+    assert tuned == 0
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_records_dir_for():
+    assert tuning.records_dir_for("rpi4", "shufflenet_v2_x1_0") == Path(
+        "tuning_logs/rpi4/shufflenet_v2_x1_0")
+    assert tuning.records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
+
+
+# --------------------------------------------------------------------------------------------
+# failures end the run with the worker's message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_all_builds_failing_stops_with_the_builders_message(tiny, tmp_path):
+    mod, preset, _, _ = tiny
+    rec = tmp_path / "rec"
+    config = tuning.TuneConfig(trials=6, records_dir=rec, **{**FAST, "builder_timeout_sec": 0.001})
+    with pytest.raises(UserError, match=r"all \d+ builds .* failed: LocalBuilder: Timeout"):
+        tuning.tune(mod, preset, config)
+    # the builder's fault, not the schedules': the batch is not committed, no budget spent
+    assert _lines(rec / tuning.RECORD_FILE) == []
+
+
+@pytest.mark.timeout(10)
+def test_tracker_not_there_is_a_user_error(tiny, tmp_path):
+    mod, preset, _, _ = tiny
+    port = free_port()
+    config = tuning.TuneConfig(trials=4, records_dir=tmp_path / "r", rpc_tracker=f"127.0.0.1:{port}",
+                               rpc_key="k", **FAST)
+    with pytest.raises(UserError, match=rf"cannot reach RPC tracker 127\.0\.0\.1:{port}"):
+        tuning.tune(mod, preset, config)
+    assert not (tmp_path / "r").exists()  # checked before anything is written
+
+
+@pytest.mark.timeout(15)
+def test_tracker_that_does_not_answer_is_a_user_error(tmp_path):
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        with pytest.raises(UserError, match=rf"cannot reach RPC tracker 127\.0\.0\.1:{port}"):
+            tuning.check_rpc(f"127.0.0.1:{port}", "k", device_wait_sec=0, timeout=2.0)
+
+
+@pytest.mark.rpc
+@pytest.mark.timeout(90)
+def test_key_with_no_device_is_a_user_error(rpc_env):
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"no device with key 'no-such-board'.*tvmshuffle-test-host"):
+        tuning.check_rpc(rpc_env.tracker, "no-such-board", device_wait_sec=1.0)
+    assert time.monotonic() - start < 10
+    assert tuning.check_rpc(rpc_env.tracker, rpc_env.key, device_wait_sec=1.0) == 1
+
+
+def test_cross_target_needs_a_device(tiny, tmp_path):
+    mod, _, _, _ = tiny
+    with pytest.raises(UserError, match="needs a device"):
+        tuning.tune(mod, targets.resolve("aarch64"),
+                    tuning.TuneConfig(trials=4, records_dir=tmp_path / "r"))
+
+
+# --------------------------------------------------------------------------------------------
+# RPC
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(240)
+def test_tune_over_rpc(tiny, rpc_env, tmp_path):
+    mod, preset, x, expected = tiny
+    rec = tmp_path / "rpc"
+    res = tuning.tune(mod, preset, tuning.TuneConfig(
+        trials=4, records_dir=rec, rpc_tracker=rpc_env.tracker, rpc_key=rpc_env.key,
+        session_timeout_sec=30, device_wait_sec=30, **FAST))
+    assert res.trials_run >= 4
+    assert len(_lines(rec / tuning.RECORD_FILE)) == res.trials_total
+    measured = [t for t in res.tasks if t.best_us is not None]
+    assert measured, "no candidate ran on the RPC server"
+    out, tuned = _run(mod, preset, rec, x)
+    assert tuned >= 1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# kill and resume
+
+_TUNE_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    from pathlib import Path
+    import tvm
+    from tvmshuffle import targets, tuning
+    logging.basicConfig(level=logging.INFO)
+    mod = tvm.ir.load_json(Path(sys.argv[1]).read_text())
+    config = tuning.TuneConfig(trials=int(sys.argv[3]), records_dir=Path(sys.argv[2]),
+                               trials_per_batch=1, **json.loads(sys.argv[4]))
+    tuning.tune(mod, targets.resolve("host"), config)
+""")
+
+
+def _start_tuner(tmp_path: Path, rec: Path, budget: int, log_name: str) -> subprocess.Popen:
+    with open(tmp_path / log_name, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, str(tmp_path / "tune.py"), str(tmp_path / "mod.json"), str(rec),
+             str(budget), json.dumps(FAST)],
+            stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group: builder/runner workers included
+        )
+
+
+def _wait_for_records(proc, records: Path, at_least: int, log: Path, timeout: float = 200) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= at_least:
+            return
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    raise AssertionError(f"fewer than {at_least} records within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_and_sigkill_keep_records_and_rerun_resumes(tiny, tmp_path, caplog):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod, preset, x, expected = tiny
+    rec = tmp_path / "host" / "tiny"
+    records = rec / tuning.RECORD_FILE
+    (tmp_path / "mod.json").write_text(tvm.ir.save_json(mod))
+    (tmp_path / "tune.py").write_text(_TUNE_SCRIPT)
+    budget = 60  # far more than it gets to do before being stopped
+
+    # Ctrl-C (to the whole process group, as a terminal does): stops after the batch
+    proc = _start_tuner(tmp_path, rec, budget, "int.log")
+    try:
+        _wait_for_records(proc, records, 1, tmp_path / "int.log")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    log = (tmp_path / "int.log").read_text()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in log
+    assert "are kept in" in log and "rerun to resume" in log
+    after_int = len(_lines(records))
+    assert after_int >= 1
+
+    # SIGKILL mid-run: no chance to clean up
+    proc = _start_tuner(tmp_path, rec, budget, "kill.log")
+    try:
+        _wait_for_records(proc, records, after_int + 1, tmp_path / "kill.log")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its builder/runner workers
+        kill_group(proc)
+
+    # what was measured is on disk and loads
+    kept = len(_lines(records))
+    assert kept > after_int
+    db = ms.database.JSONDatabase(path_workload=str(rec / tuning.WORKLOAD_FILE),
+                                  path_tuning_record=str(records))
+    assert len(db) == kept
+    # the kill may also land mid-append: a torn last line must not break the rerun
+    whole = records.read_bytes()
+    records.write_bytes(whole + whole.rstrip(b"\n").rsplit(b"\n", 1)[-1][:40])
+
+    # rerun: counts the old records against the budget, adds to them
+    budget = kept + 3
+    with caplog.at_level(logging.INFO, logger="tvmshuffle.tuning"):
+        res = tuning.tune(mod, preset, tuning.TuneConfig(
+            trials=budget, records_dir=rec, trials_per_batch=1, **FAST))
+    assert "truncated last line" in caplog.text
+    assert f"{kept} trials already in" in caplog.text
+    assert res.trials_total - res.trials_run == kept
+    assert res.trials_run == 3  # batches of 1: the budget is met exactly
+    lines = _lines(records)
+    assert len(lines) == res.trials_total == budget
+    for line in lines:  # the torn line was dropped, not glued to the next append
+        json.loads(line)
+    curve = json.loads((rec / tuning.CURVE_FILE).read_text())
+    assert curve[-1]["trials"] == res.trials_total
+
+    out, tuned = _run(mod, preset, rec, x)
+    assert tuned >= 1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

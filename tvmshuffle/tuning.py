@@ -1,0 +1,994 @@
+"""MetaSchedule tuning: records on disk, resumable, bounded in time, applied at build.
+
+``tune(mod, preset, TuneConfig(...))`` tunes the fused PrimFuncs of a lowered Relax module
+(after LegalizeOps → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR, see
+:func:`tvmshuffle.pipeline.lower`) and writes, under ``records_dir``
+(``tuning_logs/<target>/<model>/`` by :func:`records_dir_for`):
+
+``database_workload.json`` / ``database_tuning_record.json``
+    MetaSchedule's ``JSONDatabase``: one JSON line per workload / measured candidate,
+    appended (and flushed) as each batch is committed, so a killed run keeps what it measured.
+``target.json``
+    the exact target the records were tuned for; :func:`apply_records` refuses records of
+    another target (upstream's database is not target-aware, apache/tvm#15549).
+``curve.json``
+    estimated network latency (sum over tasks of weight × best latency) against trials.
+``logs/``
+    MetaSchedule's own logs (one per task, plus the scheduler's).
+
+**Resume.** ``TuneConfig.trials`` is the budget for the records dir, not for one run: the
+records already in the database for the module's tasks count against it, and a rerun tunes
+only what is left (nothing, with a log line, if the budget is already met; the last batch may
+overshoot by less than one batch). MetaSchedule's evolutionary search seeds itself from the
+best records in the database. A torn last line (a run killed mid-append) is dropped with a
+warning when the database is loaded.
+
+**Stopping.** Ctrl-C stops after the batch being measured (a second one at once) and keeps
+every record; SIGKILL keeps every record committed before it (each is appended and flushed).
+
+**Never a silent hang.** Builds and runs have timeouts; an RPC tracker that cannot be reached
+or a key with no free device is a :class:`~tvmshuffle.errors.UserError` within a bounded
+time; a device that leaves the tracker fails the rest of its batch at once; a batch in which
+every build or every run fails stops tuning with the worker's own message (and is not
+committed: it is the builder's or the device's fault, and should not spend the budget).
+
+The builder does not use MetaSchedule's ``default_build``: that imports
+``tvm.s_tir.tensor_intrin`` (~30 s here, mostly CUDA) in every fresh builder process, and the
+builder's process pool is restarted for every batch, so builds timed out in a cascade.
+:func:`_build` does the same without that import (fp32 CPU schedules tensorize nothing), and
+:func:`_export` writes a ``.so`` linked by the target's linker (the cross compiler for ARM
+presets), which a device's RPC server can load without a compiler of its own. The main
+process registers only the CPU tensor intrinsics (:func:`_register_cpu_tensor_intrins`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import targets
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+TARGET_FILE = "target.json"
+CURVE_FILE = "curve.json"
+
+#: run_secs at or above this mark a candidate that failed (MetaSchedule stores 1e10)
+_FAILED_SECS = 1e9
+#: target attributes that do not change the generated code (compared with a warning only)
+_NON_CODEGEN_KEYS = ("num-cores",)
+
+
+@dataclass
+class TuneConfig:
+    """What to tune, where the records go, and how to measure."""
+
+    #: trial budget for the records dir (records already there count against it)
+    trials: int
+    records_dir: Path
+    #: "HOST:PORT" of an RPC tracker; None: measure on this machine
+    rpc_tracker: str | None = None
+    #: device key registered with the tracker
+    rpc_key: str | None = None
+    #: candidates per batch (MetaSchedule's ``num_trials_per_iter``); smaller when the
+    #: budget is small, so every task gets a batch
+    trials_per_batch: int = 64
+    #: per candidate: compile + link
+    builder_timeout_sec: float = 60.0
+    #: per candidate: load + measure (over RPC: connect, upload, measure)
+    runner_timeout_sec: float = 60.0
+    #: RPC: the server ends a session after this long; also the bound to reach the tracker
+    session_timeout_sec: float = 60.0
+    #: RPC: how long to wait for a free device with ``rpc_key``
+    device_wait_sec: float = 30.0
+    #: measurement: mean of ``number`` runs, ``repeat`` times, each repeat ≥ ``min_repeat_ms``
+    number: int = 3
+    repeat: int = 1
+    min_repeat_ms: int = 100
+    enable_cpu_cache_flush: bool = False
+    seed: int | None = 0
+    #: evolutionary search population per round (MetaSchedule's default 512; smaller is
+    #: faster per batch and fine for small budgets)
+    search_population: int = 512
+    #: parallel builds (None: this machine's cores)
+    builder_workers: int | None = None
+    #: tqdm progress bar on stderr (shown on a terminal only)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.records_dir = Path(self.records_dir)
+        if self.trials < 0:
+            raise UserError(f"--trials must be ≥ 0, got {self.trials}")
+        if self.trials_per_batch < 1:
+            raise UserError(f"trials per batch must be ≥ 1, got {self.trials_per_batch}")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise UserError("--rpc-tracker and --rpc-key go together (give both or neither)")
+
+
+@dataclass
+class TaskStat:
+    """One tuning task (a fused PrimFunc) and its state in the database."""
+
+    name: str
+    weight: float
+    trials: int  # records in the database for this task (all runs)
+    best_us: float | None  # best measured latency, None if nothing ran yet
+
+
+@dataclass
+class TuneResult:
+    records_dir: Path
+    trials_run: int  # measured in this run
+    trials_total: int  # in the database for this module's tasks, after this run
+    tasks: list[TaskStat] = field(default_factory=list)
+    est_latency_ms: float | None = None  # sum of weight × best latency (None: a task unmeasured)
+    wall_time_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# records dir, target.json, database files
+
+
+def records_dir_for(target_name: str, model_name: str, root: Path = Path("tuning_logs")) -> Path:
+    """``tuning_logs/<target-name>/<model>/`` (path separators in the names become ``_``)."""
+
+    def clean(name: str) -> str:
+        name = str(name).replace(os.sep, "_").replace("/", "_").strip()
+        return name if name not in ("", ".", "..") else "_"
+
+    return Path(root) / clean(target_name) / clean(model_name)
+
+
+def _target_dict(preset: targets.TargetPreset) -> dict:
+    """The canonical JSON dict of the TVM target a preset compiles for (with num-cores)."""
+    return json.loads(str(targets.tvm_target(preset)))
+
+
+def _target_text(target: dict) -> str:
+    return json.dumps(target, sort_keys=True, separators=(",", ":"))
+
+
+def _codegen_part(target: dict) -> dict:
+    return {k: v for k, v in target.items() if k not in _NON_CODEGEN_KEYS}
+
+
+def _read_target_json(records_dir: Path) -> dict | None:
+    path = records_dir / TARGET_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
+            raise ValueError("no 'target' object")
+        return data
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable target record ({err})") from None
+
+
+def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str) -> None:
+    """Refuse records tuned for another target than ``preset``'s (UserError)."""
+    stored = _read_target_json(records_dir)
+    current = _target_dict(preset)
+    if stored is None:
+        raise UserError(
+            f"{records_dir}: no {TARGET_FILE}, so the target these records were tuned for is "
+            f"unknown; refusing to {purpose} them (tune with `tvmshuffle tune` to record it)"
+        )
+    theirs = stored["target"]
+    if _codegen_part(theirs) != _codegen_part(current):
+        raise UserError(
+            f"{records_dir}: records were tuned for target {stored.get('preset', '?')} "
+            f"{_target_text(_codegen_part(theirs))}, not for {preset.name} "
+            f"{_target_text(_codegen_part(current))}; refusing to {purpose} them "
+            "(MetaSchedule's database is not target-aware, apache/tvm#15549)"
+        )
+    for key in _NON_CODEGEN_KEYS:
+        if theirs.get(key) != current.get(key):
+            log.warning("%s: records tuned with %s=%s, now %s=%s", records_dir, key,
+                        theirs.get(key), key, current.get(key))
+
+
+def _write_target_json(records_dir: Path, preset: targets.TargetPreset) -> None:
+    import tvm
+
+    data = {"preset": preset.name, "target": _target_dict(preset), "tvm": tvm.__version__}
+    _atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torn_tail(path: Path) -> tuple[bytes, int] | None:
+    """If the last line of a JSON-lines file is torn (killed mid-append): the good part and
+    the number of bytes dropped; None if the file is whole.
+
+    Each line is one JSON array, so a prefix of a line that still parses is the whole line
+    (only its newline is missing, which is added back).
+    """
+    data = path.read_bytes()
+    body = data.rstrip(b"\n")
+    if not body:
+        return None
+    last = body.rsplit(b"\n", 1)[-1]
+    try:
+        json.loads(last)
+    except ValueError:
+        cut = len(body) - len(last)
+        return data[:cut], len(data) - cut
+    if data.endswith(b"\n"):
+        return None
+    return data + b"\n", 0
+
+
+def _repair_database_files(records_dir: Path, in_place: bool) -> Path:
+    """Drop a torn trailing line of the database files (with a warning).
+
+    ``in_place``: rewrite the files (tuning owns the dir); else write repaired copies to a
+    temporary dir and return it (applying records must not modify them). Returns the dir to
+    load the database from.
+    """
+    torn = {}
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        path = records_dir / name
+        if path.exists():
+            result = _torn_tail(path)
+            if result is not None:
+                torn[name] = result
+    if not torn:
+        return records_dir
+    for name, (_, dropped) in torn.items():
+        if dropped:
+            log.warning("%s: dropping a truncated last line (%d bytes; the run writing it was "
+                        "killed mid-write)", records_dir / name, dropped)
+    if in_place:
+        for name, (good, _) in torn.items():
+            path = records_dir / name
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(good)
+            os.replace(tmp, path)
+        return records_dir
+    copy = Path(tempfile.mkdtemp(prefix="tvmshuffle-records-"))
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        src = records_dir / name
+        data = torn[name][0] if name in torn else src.read_bytes()
+        (copy / name).write_bytes(data)
+    return copy
+
+
+def _open_database(db_dir: Path, where: Path):
+    """MetaSchedule's JSONDatabase on ``db_dir`` (files created when missing)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(
+            path_workload=str(db_dir / WORKLOAD_FILE),
+            path_tuning_record=str(db_dir / RECORD_FILE),
+            allow_missing=True,
+            module_equality="structural",
+        )
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error kinds
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise UserError(
+            f"{where}: cannot load the tuning database ({lines[0] if lines else err!r})"
+        ) from None
+
+
+def _has_database(records_dir: Path) -> bool:
+    return (records_dir / WORKLOAD_FILE).is_file() and (records_dir / RECORD_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# applying records at build time
+
+
+def apply_records(mod, preset: targets.TargetPreset, records_dir: Path):
+    """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
+
+    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
+    records dir that does not exist, has no database, or was tuned for another target.
+    """
+    import tvm
+    from tvm import relax
+
+    records_dir = Path(records_dir)
+    if not records_dir.is_dir():
+        raise UserError(f"--tuning-records {records_dir}: no such directory")
+    if not _has_database(records_dir):
+        raise UserError(
+            f"--tuning-records {records_dir}: no tuning database there "
+            f"({WORKLOAD_FILE}, {RECORD_FILE}); run `tvmshuffle tune` first"
+        )
+    _check_target(records_dir, preset, "apply")
+    db_dir = _repair_database_files(records_dir, in_place=False)
+    try:
+        database = _open_database(db_dir, records_dir)  # reads the files, writes nothing
+    finally:
+        if db_dir != records_dir:
+            import shutil
+
+            shutil.rmtree(db_dir, ignore_errors=True)
+    target = targets.tvm_target(preset)
+    before = _scheduled_funcs(mod)
+    with target, database:
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    tuned = len(_scheduled_funcs(applied) - before)
+    kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    log.info("applied tuning records from %s: %d of %d kernels tuned", records_dir, tuned, kernels)
+    return applied, tuned
+
+
+def _scheduled_funcs(mod) -> set[str]:
+    import tvm
+
+    names = set()
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None:
+            if bool(func.attrs.get("tirx.is_scheduled", False)):
+                names.add(gv.name_hint)
+    return names
+
+
+def _register_cpu_tensor_intrins() -> None:
+    """Register the CPU tensor intrinsics without importing the GPU ones.
+
+    ``TuneContext()`` does ``import tvm.s_tir.tensor_intrin``, whose ``__init__`` imports the
+    CUDA, ROCm and Hexagon intrinsics too: 30-50 s on this machine, of which the CPU ones
+    (x86, arm_cpu, riscv_cpu — what the ``llvm`` schedule rules may name) take ~4 s. This
+    puts the package into ``sys.modules`` without running its ``__init__`` and imports only the
+    CPU submodules; a later explicit ``import tvm.s_tir.tensor_intrin.cuda`` still works.
+    """
+    import importlib
+    import sys
+    import types
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name, "Tensor intrinsics (CPU ones only, see tvmshuffle.tuning)")
+        pkg.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        pkg.__package__ = name
+        sys.modules[name] = pkg
+        tvm.s_tir.tensor_intrin = pkg
+    for sub in ("x86", "arm_cpu", "riscv_cpu"):
+        importlib.import_module(f"{name}.{sub}")
+
+
+# ---------------------------------------------------------------------------------------------
+# builder / runner functions (module level: pickled by reference into popen workers)
+
+
+def _build(mod, target, _params):
+    """MetaSchedule's ``default_build`` without ``import tvm.s_tir.tensor_intrin``."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _export(rt_mod, cross_compiler: str | None = None) -> str:
+    """A ``.so`` in a fresh temp dir (MetaSchedule's RemoveBuildArtifact deletes the dir)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="tvmshuffle-ms-"), "tvm_tmp_mod.so")
+    if cross_compiler is None:
+        rt_mod.export_library(path)
+    else:
+        from tvm.support import cc as tvm_cc
+
+        rt_mod.export_library(path, fcompile=tvm_cc.cross_compiler(cross_compiler))
+    return path
+
+
+#: error texts that mean the device is gone or unusable (the rest of a batch is skipped)
+_DEVICE_GONE = ("no free device with key", "is gone from RPC tracker", "Timeout, killed after")
+
+
+def _request_session(rpc_config, device_wait_sec: float):
+    """RPCConfig.connect_server, but a device that left the tracker is an error at once and
+    the wait for a busy one is bounded (upstream waits forever)."""
+    key = rpc_config.tracker_key
+    where = f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
+    tracker = rpc_config.connect_tracker()  # bounded by session_timeout_sec
+    total, _ = _key_counts(tracker.summary(), key)
+    if total == 0:
+        tracker.close()
+        raise RuntimeError(f"the device with key {key!r} is gone from RPC tracker {where}")
+    box: dict = {}
+
+    def request():
+        try:
+            box["session"] = tracker.request(
+                key=key,
+                priority=rpc_config.session_priority,
+                session_timeout=rpc_config.session_timeout_sec,
+            )
+        except Exception as err:  # noqa: BLE001 - reported below
+            box["error"] = err
+
+    thread = threading.Thread(target=request, daemon=True)
+    thread.start()
+    thread.join(device_wait_sec)
+    if thread.is_alive():
+        tracker.close()
+        raise TimeoutError(
+            f"no free device with key {key!r} on RPC tracker {where} within {device_wait_sec:g} s"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["session"]
+
+
+def _fail_fast(rpc_runner):
+    """Wrap an RPCRunner: once a candidate finds the device gone (left the tracker, busy past
+    the wait, or hung past the timeout), the rest of its batch is skipped instead of each
+    waiting out the same timeouts; the batch then counts as failed."""
+    from types import SimpleNamespace
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class FailFastFuture(ms.runner.PyRunnerFuture):
+        def __init__(self, inner, state) -> None:
+            super().__init__()
+            self.inner = inner
+            self.state = state
+
+        def done(self) -> bool:
+            return self.state.dead is not None or self.inner.done()
+
+        def result(self):
+            if self.state.dead is not None and self.inner.future.cancel():
+                return ms.runner.RunnerResult(None, f"skipped, device unusable: {self.state.dead}")
+            res = self.inner.result()
+            if res.error_msg is not None and any(m in str(res.error_msg) for m in _DEVICE_GONE):
+                self.state.dead = _worker_message(res.error_msg)
+            return res
+
+    @derived_object
+    class FailFastRPCRunner(ms.runner.PyRunner):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def run(self, runner_inputs):
+            state = SimpleNamespace(dead=None)
+            # ``_inst``: the Python RPCRunner (its FFI ``run`` would return plain RunnerFutures)
+            return [FailFastFuture(f, state) for f in self.inner._inst.run(runner_inputs)]
+
+    return FailFastRPCRunner(rpc_runner)
+
+
+# ---------------------------------------------------------------------------------------------
+# RPC checks
+
+
+def _parse_tracker(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"--rpc-tracker {spec!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _call_with_timeout(fn, timeout: float):
+    """``fn()`` in a daemon thread; (finished, value or exception)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return False, None
+    if "error" in box:
+        return True, box["error"]
+    return True, box["value"]
+
+
+def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
+    """The tracker's summary dict; UserError "cannot reach RPC tracker" within ~``timeout``."""
+    from tvm import rpc
+
+    where = f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot reach RPC tracker {where} ({err.strerror or err})") from None
+
+    def query():
+        tracker = rpc.connect_tracker(host, port)
+        try:
+            return tracker.summary()
+        finally:
+            tracker.close()
+
+    done, value = _call_with_timeout(query, timeout)
+    if not done:
+        raise UserError(f"cannot reach RPC tracker {where} (no answer within {timeout:g} s)")
+    if isinstance(value, BaseException):
+        msg = str(value).strip().splitlines()
+        raise UserError(
+            f"cannot reach RPC tracker {where} ({msg[-1] if msg else type(value).__name__}; "
+            "is it an RPC tracker?)"
+        )
+    return value
+
+
+def _key_counts(summary: dict, key: str) -> tuple[int, int]:
+    """(servers registered with ``key``, free ones)."""
+    total = 0
+    for item in summary.get("server_info", []):
+        if str(item.get("key", "")).split(":", 1)[-1] == key:
+            total += 1
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    return total, free
+
+
+def check_rpc(tracker: str, key: str, device_wait_sec: float = 30.0, timeout: float = 5.0) -> int:
+    """Check the tracker answers and has a free device with ``key`` (waits up to
+    ``device_wait_sec`` for one). Returns the number of free devices; UserError otherwise."""
+    host, port = _parse_tracker(tracker)
+    deadline = time.monotonic() + device_wait_sec
+    waited = False
+    while True:
+        summary = tracker_summary(host, port, timeout)
+        total, free = _key_counts(summary, key)
+        if free > 0:
+            return free
+        if time.monotonic() >= deadline:
+            if total:
+                raise UserError(
+                    f"RPC tracker {tracker}: all {total} device(s) with key {key!r} are busy "
+                    f"(none free after {device_wait_sec:g} s)"
+                )
+            keys = sorted({str(i.get("key", "")).split(":", 1)[-1]
+                           for i in summary.get("server_info", [])})
+            have = ", ".join(repr(k) for k in keys) if keys else "none"
+            raise UserError(
+                f"RPC tracker {tracker}: no device with key {key!r} after waiting "
+                f"{device_wait_sec:g} s (keys there: {have})"
+            )
+        if not waited:
+            log.info("waiting up to %g s for a free device with key %r on %s",
+                     device_wait_sec, key, tracker)
+            waited = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+# ---------------------------------------------------------------------------------------------
+# progress, curve, stopping on all-failed batches
+
+
+class _Stop(Exception):
+    """Raised inside MetaSchedule's loop to end it (a failed batch, Ctrl-C); :func:`tune` turns
+    it into a UserError / KeyboardInterrupt."""
+
+
+def _worker_message(msg: str) -> str:
+    """One line from a builder/runner error: its headline and the exception line."""
+    lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+    if not lines:
+        return "(no message)"
+    head = lines[0]
+    tail = next((ln for ln in reversed(lines)
+                 if not ln.startswith(("File ", "^", "~", "Traceback"))), lines[-1])
+    return head if tail == head else f"{head} {tail}"
+
+
+def _mean_secs(run_secs) -> float | None:
+    if run_secs is None:
+        return None
+    secs = [float(s) for s in run_secs]
+    if not secs or max(secs) >= _FAILED_SECS:
+        return None
+    return sum(secs) / len(secs)
+
+
+class _Tracker:
+    """Trials and best latencies per task, the network estimate, ``curve.json``."""
+
+    def __init__(self, stats: list[TaskStat], records_dir: Path, budget: int) -> None:
+        self.stats = stats
+        self.curve_path = records_dir / CURVE_FILE
+        self.budget = budget
+        self.curve = self._load_curve()
+        self.run_trials = 0
+        self.failure: str | None = None
+        self.interrupted = threading.Event()
+        self.bar = None
+
+    @property
+    def total_trials(self) -> int:
+        return sum(s.trials for s in self.stats)
+
+    def est_latency_ms(self) -> float | None:
+        if any(s.best_us is None for s in self.stats):
+            return None
+        return sum(s.weight * s.best_us for s in self.stats) / 1e3
+
+    def _load_curve(self) -> list[dict]:
+        if not self.curve_path.exists():
+            return []
+        try:
+            curve = json.loads(self.curve_path.read_text())
+            return [p for p in curve if isinstance(p, dict) and "trials" in p]
+        except (OSError, ValueError):
+            log.warning("%s: unreadable, starting a new curve", self.curve_path)
+            return []
+
+    def add_point(self) -> None:
+        point = {"trials": self.total_trials, "est_latency_ms": self.est_latency_ms(),
+                 "tasks_measured": sum(s.best_us is not None for s in self.stats),
+                 "tasks": len(self.stats)}
+        if self.curve and self.curve[-1]["trials"] == point["trials"]:
+            self.curve[-1] = point
+        else:
+            self.curve.append(point)
+        try:
+            _atomic_write(self.curve_path, json.dumps(self.curve, indent=1) + "\n")
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.curve_path, err)
+
+    def update(self, task_id: int, builder_results, runner_results) -> None:
+        """After a batch is measured, before MetaSchedule commits it to the database (this
+        callback runs first): count it, or stop the run without committing it."""
+        stat = self.stats[task_id]
+        n = len(runner_results)
+        build_errors = [b.error_msg for b in builder_results if b.error_msg is not None]
+        run_errors = [r.error_msg for b, r in zip(builder_results, runner_results)
+                      if b.error_msg is None and r.error_msg is not None]
+        if self.interrupted.is_set() and (build_errors or run_errors):
+            # a terminal's Ctrl-C also kills the builder/runner workers: not the schedules' fault
+            raise _Stop("interrupted")
+        if build_errors or run_errors:
+            kinds: dict[str, int] = {}
+            for msg in build_errors + run_errors:
+                kinds[_worker_message(msg)] = kinds.get(_worker_message(msg), 0) + 1
+            for msg, count in kinds.items():
+                log.debug("task %s: %d× %s", stat.name, count, msg)
+        # A batch that failed entirely is the builder's or the device's fault, not the
+        # schedules': stop with the worker's message, and spend no budget on it.
+        if n and len(build_errors) == n:
+            log.error("every build failed for task %s; first error:\n%s", stat.name, build_errors[0])
+            self.failure = (f"tuning stopped: all {n} builds of a batch for task {stat.name} "
+                            f"failed: {_worker_message(build_errors[0])}")
+        elif n and len(build_errors) + len(run_errors) == n:
+            log.error("every run failed for task %s; first error:\n%s", stat.name, run_errors[0])
+            self.failure = (f"tuning stopped: all {len(run_errors)} runs of a batch for task "
+                            f"{stat.name} failed: {_worker_message(run_errors[0])}")
+        if self.failure:
+            raise _Stop(self.failure)
+        for r in runner_results:
+            secs = _mean_secs(r.run_secs) if r.error_msg is None else None
+            if secs is not None and (stat.best_us is None or secs * 1e6 < stat.best_us):
+                stat.best_us = secs * 1e6
+        stat.trials += n
+        self.run_trials += n
+        self.add_point()
+        est = self.est_latency_ms()
+        best = f"{stat.best_us:.1f} us" if stat.best_us is not None else "n/a"
+        est_text = f"{est:.3f} ms" if est is not None else "n/a"
+        log.info(
+            "task %d/%d %s: +%d trials (%d build / %d run errors), best %s; "
+            "total %d/%d trials, est. network latency %s",
+            task_id + 1, len(self.stats), stat.name, n, len(build_errors), len(run_errors), best,
+            self.total_trials, self.budget, est_text,
+        )
+        if self.bar is not None:
+            if self.bar.total is not None and self.bar.n + n > self.bar.total:
+                self.bar.total = self.bar.n + n  # the last batch may overshoot the budget
+            self.bar.update(n)
+            self.bar.set_postfix_str(f"{stat.name[:24]} best {best}, net {est_text}")
+
+
+def _callbacks(tracker: _Tracker) -> tuple:
+    """(first callback: progress and stopping on failed batches, last one: stopping after a
+    Ctrl-C once the batch is committed)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results) -> None:
+            tracker.update(int(task_id), list(builder_results), list(runner_results))
+
+    @derived_object
+    class StopIfInterrupted(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results) -> None:
+            if tracker.interrupted.is_set():
+                raise _Stop("interrupted")
+
+    return Progress(), StopIfInterrupted()
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks and existing records
+
+
+def _task_logger(records_dir: Path, index: int, name: str) -> logging.Logger:
+    logger = logging.getLogger(f"{__name__}.task.{abs(hash(str(records_dir.resolve())))}.{index}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    if not logger.handlers:
+        (records_dir / "logs").mkdir(exist_ok=True)
+        handler = logging.FileHandler(records_dir / "logs" / f"task_{index:02d}_{name}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def _existing(database, contexts) -> list[tuple[int, float | None]]:
+    """Per task: (records in the database, best mean latency in us)."""
+    import tvm_ffi
+
+    counts = [0] * len(contexts)
+    best: list[float | None] = [None] * len(contexts)
+    records = database.get_all_tuning_records()
+    if not records:
+        return list(zip(counts, best))
+    hashes = [tvm_ffi.structural_hash(ctx.mod) for ctx in contexts]
+    owner: dict[int, int | None] = {}  # id of workload object → task index
+    workloads: list = []
+    for rec in records:
+        wl = rec.workload
+        idx = next((i for i, w in enumerate(workloads) if w.same_as(wl)), None)
+        if idx is None:
+            workloads.append(wl)
+            idx = len(workloads) - 1
+            h = tvm_ffi.structural_hash(wl.mod)
+            owner[idx] = next(
+                (t for t, ctx in enumerate(contexts)
+                 if hashes[t] == h and tvm_ffi.structural_equal(wl.mod, ctx.mod)),
+                None,
+            )
+        task = owner[idx]
+        if task is None:
+            continue
+        counts[task] += 1
+        secs = _mean_secs(rec.run_secs)
+        if secs is not None and (best[task] is None or secs * 1e6 < best[task]):
+            best[task] = secs * 1e6
+    return list(zip(counts, best))
+
+
+def _make_runner(config: TuneConfig):
+    """(the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast)"""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    evaluator = ms.runner.EvaluatorConfig(
+        number=config.number,
+        repeat=config.repeat,
+        min_repeat_ms=config.min_repeat_ms,
+        enable_cpu_cache_flush=config.enable_cpu_cache_flush,
+    )
+    if config.rpc_tracker is None:
+        runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_sec,
+                                       evaluator_config=evaluator)
+        return runner, runner
+    host, port = _parse_tracker(config.rpc_tracker)
+    rpc_config = ms.runner.RPCConfig(
+        tracker_host=host,
+        tracker_port=port,
+        tracker_key=config.rpc_key,
+        session_timeout_sec=config.session_timeout_sec,
+    )
+    runner = ms.runner.RPCRunner(
+        rpc_config,
+        evaluator,
+        f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec),
+        max_workers=1,
+    )
+    # RPCRunner's pool has no timeout: a device that hangs or drops would block forever.
+    runner.pool.shutdown()
+    runner.pool = PopenPoolExecutor(
+        max_workers=1, timeout=config.runner_timeout_sec + config.device_wait_sec
+    )
+    return runner, _fail_fast(runner)
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+
+
+def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
+    """Tune the PrimFuncs of a lowered, fused Relax module; see the module docstring."""
+    start = time.perf_counter()
+    records_dir = Path(config.records_dir)
+
+    if preset.is_cross and config.rpc_tracker is None:
+        raise UserError(
+            f"--target {preset.name}: code for this target cannot run here; tuning needs a "
+            "device: give --rpc-tracker HOST:PORT and --rpc-key KEY"
+        )
+    cross = targets.cross_compiler_command(preset)  # UserError if the linker is missing
+    if config.rpc_tracker is not None:
+        check_rpc(config.rpc_tracker, config.rpc_key, config.device_wait_sec)
+
+    from tvm.s_tir import meta_schedule as ms
+
+    target = targets.tvm_target(preset)
+    _register_cpu_tensor_intrins()
+    records_dir.mkdir(parents=True, exist_ok=True)
+    if (records_dir / TARGET_FILE).exists() or _has_database(records_dir):
+        _check_target(records_dir, preset, "add to")
+    _write_target_json(records_dir, preset)
+    _repair_database_files(records_dir, in_place=True)
+    database = _open_database(records_dir, records_dir)
+
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    if not extracted:
+        raise UserError("nothing to tune: the module has no unscheduled PrimFuncs")
+
+    loggers = [_task_logger(records_dir, i, t.task_name) for i, t in enumerate(extracted)]
+    try:
+        tracker = _run_tasks(extracted, loggers, database, preset, config, cross)
+    finally:
+        for lg in loggers:
+            _close_logger(lg)
+    res = TuneResult(records_dir, tracker.run_trials, tracker.total_trials, tracker.stats,
+                     tracker.est_latency_ms(), time.perf_counter() - start)
+    est = f"{res.est_latency_ms:.3f} ms" if res.est_latency_ms is not None else "n/a"
+    log.info("tuned %d trials in %.1f s (%d in %s); est. network latency %s",
+             res.trials_run, res.wall_time_s, res.trials_total, records_dir, est)
+    return res
+
+
+@contextlib.contextmanager
+def _meta_schedule_log(records_dir: Path):
+    """MetaSchedule's Python loggers → ``records_dir/logs/meta_schedule.log`` only (its
+    per-batch tables would flood the console)."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.FileHandler(records_dir / "logs" / "meta_schedule.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+    saved = (ms_logger.propagate, ms_logger.level)
+    ms_logger.addHandler(handler)
+    ms_logger.propagate = False
+    ms_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        ms_logger.removeHandler(handler)
+        handler.close()
+        ms_logger.propagate, level = saved
+        ms_logger.setLevel(level)
+
+
+def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) -> _Tracker:
+    from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    records_dir = Path(config.records_dir)
+    contexts = [
+        ms.TuneContext(
+            mod=t.dispatched[0],
+            target=t.target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=config.search_population,
+                init_min_unmeasured=min(50, config.search_population),
+            ),
+            task_name=t.task_name,
+            logger=lg,
+            rand_state=rs,
+            num_threads="physical",
+        ).clone()
+        for t, lg, rs in zip(extracted, loggers, fork_seed(config.seed, n=len(extracted)))
+    ]
+    weights = [float(t.weight) for t in extracted]
+    stats = [TaskStat(t.task_name, w, n, best)
+             for t, w, (n, best) in zip(extracted, weights, _existing(database, contexts))]
+    tracker = _Tracker(stats, records_dir, config.trials)
+    done = tracker.total_trials
+    remaining = config.trials - done
+    log.info("%d tasks; %d trials already in %s, budget %d", len(contexts), done, records_dir,
+             config.trials)
+    if remaining <= 0:
+        log.info("trial budget already met (%d of %d trials in %s): nothing to do",
+                 done, config.trials, records_dir)
+        if not tracker.curve:
+            tracker.add_point()
+        return tracker
+    if not tracker.curve and done:
+        tracker.add_point()  # the state found on disk
+
+    # every task gets a first batch even when the budget is small
+    per_batch = min(config.trials_per_batch, max(1, math.ceil(remaining / len(contexts))))
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
+        builder = ms.builder.LocalBuilder(
+            max_workers=config.builder_workers,
+            timeout_sec=config.builder_timeout_sec,
+            f_build=_build,
+            f_export=functools.partial(_export, cross_compiler=cross),
+        )
+        runner, ms_runner = _make_runner(config)
+        # progress first: it may stop the run before a failed batch is committed
+        first, last = _callbacks(tracker)
+        callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
+        log.info("tuning %d tasks for %s: %d new trials (batches of %d), records in %s",
+                 len(contexts), preset.name, remaining, per_batch, records_dir)
+        tracker.bar = tqdm(total=config.trials, initial=done, unit="trial", desc="tuning",
+                           disable=None if config.progress else True, dynamic_ncols=True)
+        # Ctrl-C: the first stops after the batch being measured (raising inside MetaSchedule's
+        # C++ loop can crash it); a second one stops at once.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                if tracker.interrupted.is_set():
+                    raise KeyboardInterrupt
+                tracker.interrupted.set()
+                log.warning("Ctrl-C: stopping after the current batch (Ctrl-C again: now)")
+
+            signal.signal(signal.SIGINT, on_sigint)
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(records_dir),
+                max_trials_global=remaining,
+                num_trials_per_iter=per_batch,
+                builder=builder,
+                runner=ms_runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=callbacks,
+                task_scheduler=ms.task_scheduler.GradientBased(
+                    seed=-1 if config.seed is None else config.seed
+                ),
+            )
+        except BaseException as err:  # MetaSchedule hands exceptions back wrapped or not
+            if tracker.failure is not None:
+                raise UserError(f"{tracker.failure} (records so far kept in {records_dir})") from None
+            if tracker.interrupted.is_set() or isinstance(err, KeyboardInterrupt):
+                log.warning("interrupted: the %d trials measured are kept in %s; rerun to resume",
+                            len(database), records_dir)
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            tracker.bar.close()
+            tracker.bar = None
+            if runner is not ms_runner:  # RPC: the pool we made (LocalRunner's dies with it)
+                runner.pool.shutdown(wait=False)
+    return tracker
