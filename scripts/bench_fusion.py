@@ -2,8 +2,8 @@
 
 For each model: import once, lower with and without FuseShuffleGroupConv, build both (with
 tuning records when given / shipped), then time both in this one process, interleaved, median
-of >= 30 runs. Per layer: in the unfused build, every standalone shuffle kernel plus the
-convolution kernel that consumes it; in the fused build, the fused shuffle+conv kernels.
+of >= 30 runs. Per layer: each fused shuffle+conv kernel against the unfused convolution it
+replaced (same output, weight and MACs); the unfused side also pays its shuffle kernels.
 
     python scripts/bench_fusion.py [--models shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0]
                                    [--runs 30] [--threads 2] [--tuned] [--json out/bench_fusion.json]
@@ -22,57 +22,64 @@ import numpy as np
 from tvmshuffle.targets import host_cpu_name
 
 
-def shuffle_adjacent(rows, fused: bool):
-    """(kernel time rows) → the rows that hold shuffles: fused kernels, or shuffle + its consumer."""
-    if fused:
-        return [r for r in rows if r.kernel.fused_shuffle_conv]
-    picked, take_next = [], False
-    for r in rows:  # rows in call order
-        if r.kernel.standalone_shuffle:
-            picked.append(r)
-            take_next = True
-        elif take_next and r.kernel.macs:
-            picked.append(r)
-            take_next = False
-    return picked
+def _signature(kernel):
+    """What identifies one convolution layer in both builds: output, weight shape, MACs."""
+    weight = kernel.inputs[1] if len(kernel.inputs) > 1 else None
+    return (str(kernel.outputs), str(weight), kernel.macs)
 
 
-def bench_model(name: str, runs: int, records_root: Path | None):
+def pair_layers(unfused_rows, fused_rows):
+    """Per shuffle-adjacent layer: (fused kernel, the unfused conv kernel it replaced)."""
+    by_signature = {_signature(r.kernel): r for r in unfused_rows if r.kernel.macs}
+    return [(f, by_signature.get(_signature(f.kernel))) for f in fused_rows if f.kernel.fused_shuffle_conv]
+
+
+def bench_model(name: str, runs: int, tuned: bool):
     import tvm
 
-    from tvmshuffle import frontend, kernels, pipeline, profile, runtime, targets
+    from tvmshuffle import frontend, kernels, pipeline, profile, runtime, targets, tuning
 
     preset = targets.resolve("host")
     imported = frontend.load(name)
     x = imported.random_input()
     expected = imported.reference(x)
     result = {"model": name, "variants": {}}
-    vms = {}
+    vms, profiles = {}, {}
     for fused in (False, True):
         label = "fused" if fused else "unfused"
         mod = pipeline.lower(imported.mod, preset, fuse=fused)
         records = None
-        if records_root is not None:
-            candidate = records_root / preset.name / (name + ("" if fused else "-unfused"))
+        if tuned:
+            candidate = tuning.records_dir_for(preset.name, tuning.records_key(name, fused, imported.input_shape))
             records = candidate if candidate.exists() else None
-        executable, tuned = pipeline.build(mod, preset, records)
+        executable, tuned_kernels = pipeline.build(mod, preset, records)
         vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
         out = runtime.run(vm, x).output
         err = float(np.abs(out - expected).max() / max(1.0, np.abs(expected).max()))
         rows = profile.time_kernels(profile.kernel_library(executable), kernels.list_kernels(mod))
-        by_name = {r.kernel.name: r for r in rows}
-        ordered = [by_name[k.name] for k in kernels.list_kernels(mod)]
-        adjacent = shuffle_adjacent(ordered, fused)
         vms[label] = vm
+        profiles[label] = rows
         result["variants"][label] = {
-            "tuned_kernels": tuned,
+            "tuned_kernels": tuned_kernels,
             "max_rel_error": err,
             "kernels": len(rows),
             "standalone_shuffle_kernels": sum(r.kernel.standalone_shuffle for r in rows),
-            "shuffle_adjacent_ms": sum(r.total_ms for r in adjacent),
             "shuffle_kernels_ms": sum(r.total_ms for r in rows if r.kernel.standalone_shuffle),
-            "layers": [r.as_dict() for r in adjacent],
+            "kernels_sum_ms": sum(r.total_ms for r in rows),
         }
+    layers = []
+    for fused, unfused in pair_layers(profiles["unfused"], profiles["fused"]):
+        layers.append({
+            "fused_kernel": fused.kernel.name, "outputs": fused.kernel.outputs, "calls": fused.kernel.calls,
+            "macs": fused.kernel.macs, "fused_ms": fused.median_ms,
+            "unfused_kernel": unfused.kernel.name if unfused else None,
+            "unfused_ms": unfused.median_ms if unfused else None,
+        })
+    result["layers"] = layers
+    result["variants"]["fused"]["shuffle_adjacent_ms"] = sum(l["fused_ms"] * l["calls"] for l in layers)
+    result["variants"]["unfused"]["shuffle_adjacent_ms"] = (
+        sum((l["unfused_ms"] or 0) * l["calls"] for l in layers) + result["variants"]["unfused"]["shuffle_kernels_ms"]
+    )
     # End to end, interleaved so that both see the same machine state.
     samples = {label: [] for label in vms}
     data = tvm.runtime.tensor(x, tvm.cpu())
@@ -94,15 +101,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["shufflenet_v1_g3_x1_0", "shufflenet_v2_x1_0"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--tuned", action="store_true", help="apply records from tuning_logs/")
+    parser.add_argument("--tuned", action="store_true", help="apply the records in tuning_logs/host/<model>[-unfused]")
     parser.add_argument("--json", default="out/bench_fusion.json")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    records = Path(__file__).resolve().parent.parent / "tuning_logs" if args.tuned else None
     report = {"cpu": host_cpu_name(), "threads": args.threads,
               "runs": args.runs, "tuned": args.tuned, "models": []}
     for name in args.models:
-        r = bench_model(name, args.runs, records)
+        r = bench_model(name, args.runs, args.tuned)
         report["models"].append(r)
         u, f = r["variants"]["unfused"], r["variants"]["fused"]
         print(f"{name}: unfused {u['median_ms']:.2f} ms ({u['standalone_shuffle_kernels']} shuffle kernels, "

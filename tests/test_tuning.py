@@ -211,10 +211,20 @@ def test_apply_empty_database_tunes_nothing(tiny, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_records_dir_for():
-    assert tuning.records_dir_for("rpi4", "shufflenet_v2_x1_0") == Path(
-        "tuning_logs/rpi4/shufflenet_v2_x1_0")
+def test_records_dir_for(monkeypatch):
+    repo_logs = Path(tuning.__file__).resolve().parent.parent / "tuning_logs"
+    assert tuning.records_dir_for("rpi4", "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
     assert tuning.records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
+    monkeypatch.setenv("TVMSHUFFLE_TUNING_LOGS", "/elsewhere")
+    assert tuning.records_dir_for("host", "m") == Path("/elsewhere/host/m")
+
+
+def test_records_key_sets_apart_other_modules():
+    assert tuning.records_key("m") == "m"
+    assert tuning.records_key("m", fused=False) == "m-unfused"
+    assert tuning.records_key("m", True, (1, 3, 224, 224)) == "m"
+    assert tuning.records_key("m", False, (1, 3, 160, 128)) == "m-unfused-160x128"
+    assert tuning.records_key("m", True, (4, 3, 224, 224)) == "m-b4"
 
 
 # --------------------------------------------------------------------------------------------

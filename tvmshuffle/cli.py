@@ -105,6 +105,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from . import frontend, pipeline, targets, tuning
+
+    preset = targets.resolve(args.target, args.cross_compiler)
+    imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
+    records = Path(args.tuning_records) if args.tuning_records else tuning.records_dir_for(
+        preset.name, tuning.records_key(imported.name, not args.no_fuse, imported.input_shape))
+    config = tuning.TuneConfig(trials=args.trials, records_dir=records, rpc_tracker=args.rpc_tracker,
+                               rpc_key=args.rpc_key, trials_per_batch=args.trials_per_batch)
+    mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
+    result = tuning.tune(mod, preset, config)
+    where = "on this CPU"
+    if args.rpc_key:
+        from .remote import is_emulated_key
+
+        where = f"on {args.rpc_key}" + (" (EMULATED: not an ARM latency)" if is_emulated_key(args.rpc_key) else "")
+    est = f"{result.est_latency_ms:.3f} ms {where}" if result.est_latency_ms is not None else "n/a (a task is unmeasured)"
+    print(f"{records}: {len(result.tasks)} tasks, {result.trials_run} trials this run, "
+          f"{result.trials_total} in total; estimated network latency {est}; {result.wall_time_s:.0f} s")
+    print(f"compile with: tvmshuffle compile {args.model} --target {args.target} --tuning-records {records}"
+          + (" --no-fuse" if args.no_fuse else ""))
+    return 0
+
+
 def cmd_device(args) -> int:
     from . import device
 
@@ -209,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not compare with PyTorch/ONNX Runtime on the host (done when model.so.json is there)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="tune the kernels with MetaSchedule (+XGBoost), here or on an RPC device")
+    _add_model_args(p)
+    p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
+    p.add_argument("--trials", type=int, required=True, help="trial budget for the records (resumes: trials there count)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the device there")
+    p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
+    p.add_argument("--tuning-records", help="records dir (default tuning_logs/<target>/<model>[-unfused])")
+    p.add_argument("--no-fuse", action="store_true", help="tune the unfused module (for comparison)")
+    p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")
+    p.add_argument("--cross-compiler", help="linker command for candidates (overrides the preset's)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])

@@ -143,8 +143,30 @@ class TuneResult:
 # records dir, target.json, database files
 
 
-def records_dir_for(target_name: str, model_name: str, root: Path = Path("tuning_logs")) -> Path:
+def default_root() -> Path:
+    """Where records live: ``$TVMSHUFFLE_TUNING_LOGS``, else the repository's ``tuning_logs/``
+    (the shipped records) when tvmshuffle runs from a checkout, else ``./tuning_logs``."""
+    env = os.environ.get("TVMSHUFFLE_TUNING_LOGS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent / "tuning_logs"
+    return repo if repo.is_dir() else Path("tuning_logs")
+
+
+def records_key(model_name: str, fused: bool = True, input_shape=None) -> str:
+    """The ``<model>`` part of a records dir: ``-unfused`` and ``-HxW`` (not 224x224) set apart
+    records of modules with other kernels."""
+    key = model_name if fused else f"{model_name}-unfused"
+    if input_shape is not None and tuple(input_shape)[2:] != (224, 224):
+        key += f"-{input_shape[2]}x{input_shape[3]}"
+    if input_shape is not None and input_shape[0] != 1:
+        key += f"-b{input_shape[0]}"
+    return key
+
+
+def records_dir_for(target_name: str, model_name: str, root: Path | None = None) -> Path:
     """``tuning_logs/<target-name>/<model>/`` (path separators in the names become ``_``)."""
+    root = default_root() if root is None else root
 
     def clean(name: str) -> str:
         name = str(name).replace(os.sep, "_").replace("/", "_").strip()
