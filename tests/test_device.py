@@ -9,7 +9,11 @@ qemu-user-static and the cross linker if missing); later runs reuse it.
 import json
 import logging
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -106,6 +110,81 @@ def test_unknown_key_is_user_error(emu_device, tmp_path):
         remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker=tracker, key="no-such-device")
 
 
+def tvmshuffle(*args, timeout=900):
+    """The CLI, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "tvmshuffle", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+SMALL = "shufflenet_v1_g3_x0_25"
+SHAPE_FLAG = ",".join(map(str, SHAPE))
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(1500)
+def test_phone_flow_tune_compile_run(emu_device, tmp_path):
+    """tune through the tracker on the device → compile with the records → run there, checked."""
+    tracker, _, _ = emu_device
+    records = tmp_path / "records"
+    rpc = ["--rpc-tracker", tracker, "--rpc-key", KEY]
+    proc = tvmshuffle("tune", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", *rpc,
+                      "--trials", 8, "--trials-per-batch", 4, "--tuning-records", records)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "EMULATED" in proc.stdout  # the estimate is labelled, never an ARM latency
+    assert json.loads((records / "target.json").read_text())["preset"] == "aarch64"
+    assert (records / "database_tuning_record.json").read_text().count("\n") >= 1
+
+    lib = tmp_path / "tuned-aarch64.so"
+    proc = tvmshuffle("compile", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64",
+                      "--tuning-records", records, "-o", lib)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tuned = int(re.search(r"(\d+) with tuned schedules", proc.stdout).group(1))
+    assert tuned >= 1
+
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = tvmshuffle("run", lib, "--input", tmp_path / "x.npy", *rpc, "--repeat", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "-> OK" in proc.stdout and "emulated latency" in proc.stdout and "NOT an ARM latency" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(1800)
+def test_device_killed_mid_tune_keeps_records_and_resumes(emu_device, tmp_path):
+    tracker, port, _ = emu_device
+    records = tmp_path / "records"
+    record_file = records / "database_tuning_record.json"
+    args = ["tune", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", "--rpc-tracker", tracker,
+            "--rpc-key", KEY, "--trials-per-batch", 2, "--tuning-records", records]
+    tune = subprocess.Popen([sys.executable, "-m", "tvmshuffle", *map(str, args), "--trials", 200],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not (record_file.exists() and record_file.read_text().count("\n") >= 2):
+            assert tune.poll() is None, tune.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no records measured on the device in time"
+            time.sleep(1)
+        server_pid = device.status(tracker_port=port)["pids"][f"server:{KEY}"]["pid"]
+        os.killpg(server_pid, signal.SIGKILL)  # the device drops
+        _, err = tune.communicate(timeout=600)  # ends by itself: no silent hang
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+    assert tune.returncode == 2, err[-2000:]
+    last = [line for line in err.splitlines() if line.startswith("tvmshuffle: error:")]
+    assert last and "records so far kept" in last[-1], err[-2000:]
+    kept = record_file.read_text().count("\n")
+    assert kept >= 2
+
+    device.up(key=KEY, tracker_port=port)  # the device is back
+    proc = tvmshuffle(*args, "--trials", kept + 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{kept} trials already" in proc.stderr  # resumed from what was kept
+    assert record_file.read_text().count("\n") >= kept + 2
+
+
 @pytest.mark.slow
 @pytest.mark.rpc
 @pytest.mark.timeout(120)
@@ -126,10 +205,10 @@ def test_unreachable_tracker_fails_fast(tmp_path):
     lib = tmp_path / "any.so"
     lib.write_bytes(b"\0")
     start = time.perf_counter()
-    with pytest.raises(UserError, match="not reachable"):
+    with pytest.raises(UserError, match="cannot reach RPC tracker"):
         remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker=f"127.0.0.1:{free_port()}", key=KEY)
     assert time.perf_counter() - start < 10
-    with pytest.raises(UserError, match="--tracker"):
+    with pytest.raises(UserError, match="--rpc-tracker"):
         remote.run_remote(lib, np.zeros(SHAPE, "float32"), tracker="no-port", key=KEY)
 
 

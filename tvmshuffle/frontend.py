@@ -13,10 +13,14 @@ import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from tvm import IRModule
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ class ImportedModel:
     """A model in Relax, and how to compute its output on the host for checking."""
 
     name: str
-    mod: "tvm.IRModule"  # noqa: F821
+    mod: IRModule
     input_shape: tuple[int, ...]
     #: x (numpy) → output (numpy), by PyTorch or ONNX Runtime
     reference: Callable[[np.ndarray], np.ndarray]

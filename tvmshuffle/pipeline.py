@@ -53,7 +53,6 @@ class CompileResult:
 
 def lower_passes(fuse: bool = True) -> list:
     """Phase 2: the graph passes, in order."""
-    import tvm  # noqa: F401
     from tvm import relax
 
     passes = []

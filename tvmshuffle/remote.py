@@ -62,10 +62,10 @@ def is_emulated_key(key: str) -> bool:
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` → ``(host, port)``; errors name ``--tracker``."""
+    """``"HOST:PORT"`` → ``(host, port)``; errors name ``--rpc-tracker``."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--tracker: expected HOST:PORT (e.g. {DEFAULT_TRACKER}), got {text!r}")
+        raise UserError(f"--rpc-tracker: expected HOST:PORT (e.g. {DEFAULT_TRACKER}), got {text!r}")
     return host, int(port)
 
 
@@ -84,7 +84,7 @@ def probe_tracker(host: str, port: int, timeout: float = 5.0) -> None:
             reply = sock.recv(4)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
-        raise UserError(f"RPC tracker {host}:{port} not reachable within {timeout:g} s ({reason}); "
+        raise UserError(f"cannot reach RPC tracker {host}:{port} within {timeout:g} s ({reason}); "
                         "is a tracker running there?") from None
     if not reply:
         raise UserError(f"{host}:{port} closed the connection without answering: not a TVM RPC tracker")

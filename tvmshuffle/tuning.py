@@ -50,7 +50,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -59,6 +58,7 @@ from pathlib import Path
 
 from . import targets
 from .errors import UserError
+from .remote import parse_tracker, tracker_summary
 
 log = logging.getLogger(__name__)
 
@@ -505,63 +505,6 @@ def _fail_fast(rpc_runner):
 # RPC checks
 
 
-def _parse_tracker(spec: str) -> tuple[str, int]:
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"--rpc-tracker {spec!r}: expected HOST:PORT")
-    return host, int(port)
-
-
-def _call_with_timeout(fn, timeout: float):
-    """``fn()`` in a daemon thread; (finished, value or exception)."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            box["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return False, None
-    if "error" in box:
-        return True, box["error"]
-    return True, box["value"]
-
-
-def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
-    """The tracker's summary dict; UserError "cannot reach RPC tracker" within ~``timeout``."""
-    from tvm import rpc
-
-    where = f"{host}:{port}"
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot reach RPC tracker {where} ({err.strerror or err})") from None
-
-    def query():
-        tracker = rpc.connect_tracker(host, port)
-        try:
-            return tracker.summary()
-        finally:
-            tracker.close()
-
-    done, value = _call_with_timeout(query, timeout)
-    if not done:
-        raise UserError(f"cannot reach RPC tracker {where} (no answer within {timeout:g} s)")
-    if isinstance(value, BaseException):
-        msg = str(value).strip().splitlines()
-        raise UserError(
-            f"cannot reach RPC tracker {where} ({msg[-1] if msg else type(value).__name__}; "
-            "is it an RPC tracker?)"
-        )
-    return value
-
-
 def _key_counts(summary: dict, key: str) -> tuple[int, int]:
     """(servers registered with ``key``, free ones)."""
     total = 0
@@ -575,7 +518,7 @@ def _key_counts(summary: dict, key: str) -> tuple[int, int]:
 def check_rpc(tracker: str, key: str, device_wait_sec: float = 30.0, timeout: float = 5.0) -> int:
     """Check the tracker answers and has a free device with ``key`` (waits up to
     ``device_wait_sec`` for one). Returns the number of free devices; UserError otherwise."""
-    host, port = _parse_tracker(tracker)
+    host, port = parse_tracker(tracker)
     deadline = time.monotonic() + device_wait_sec
     waited = False
     while True:
@@ -822,7 +765,7 @@ def _make_runner(config: TuneConfig):
         runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_sec,
                                        evaluator_config=evaluator)
         return runner, runner
-    host, port = _parse_tracker(config.rpc_tracker)
+    host, port = parse_tracker(config.rpc_tracker)
     rpc_config = ms.runner.RPCConfig(
         tracker_host=host,
         tracker_port=port,
