@@ -129,6 +129,31 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .frontend import parse_input_shape
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be >= 1")
+    config = bench.BenchConfig(
+        target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
+        threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
+        weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+    )
+    report = bench.bench(args.model, config)
+    print(bench.markdown(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {bench.plot(report, Path(args.plot))}")
+    wrong = [r.variant for r in report.rows if r.correct is False]
+    if wrong:
+        raise UserError(f"outputs differ from PyTorch: {', '.join(wrong)}")
+    return 0
+
+
 def cmd_device(args) -> int:
     from . import device
 
@@ -245,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")
     p.add_argument("--cross-compiler", help="linker command for candidates (overrides the preset's)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="TVM untuned/tuned x unfused/fused vs PyTorch and ONNX Runtime")
+    _add_model_args(p)
+    p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
+    p.add_argument("--tuning-records", help="records dir of the fused model (<dir>-unfused beside it) or a "
+                                            "root like tuning_logs/ (default: the shipped records)")
+    p.add_argument("--threads", type=int, help="threads for TVM, PyTorch and ONNX Runtime (default: all cores)")
+    p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT: run the TVM variants on the device there")
+    p.add_argument("--rpc-key", help="device key at the tracker")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a bar chart PNG here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])

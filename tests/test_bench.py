@@ -1,0 +1,96 @@
+"""tvmshuffle bench: every row, checked before timed, JSON + PNG."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tvmshuffle import bench, frontend, pipeline, targets, tuning
+
+SMALL = "shufflenet_v1_g3_x0_25"
+SHAPE = (1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def records_root(tmp_path_factory):
+    """A records root with a few trials for the small model, fused and unfused."""
+    root = tmp_path_factory.mktemp("tuning_logs")
+    preset = targets.resolve("host")
+    imported = frontend.load(SMALL, SHAPE)
+    for fused in (True, False):
+        records = tuning.records_dir_for("host", tuning.records_key(SMALL, fused, SHAPE), root)
+        config = tuning.TuneConfig(trials=4, records_dir=records, trials_per_batch=2, search_population=32,
+                                   progress=False)
+        tuning.tune(pipeline.lower(imported.mod, preset, fuse=fused), preset, config)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_bench_runs_every_row(records_root, tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvmshuffle", "bench", SMALL, "--input-shape", ",".join(map(str, SHAPE)),
+         "--tuning-records", str(records_root), "--threads", "1", "--repeat", "5",
+         "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert report["threads"] == 1 and report["repeat"] == 5
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert set(rows) == set(bench.VARIANTS)
+    for name, row in rows.items():
+        assert row["correct"] is True, (name, row["note"])
+        assert row["median_ms"] > 0 and len(row["samples_ms"]) == 5
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert row["vs_onnxruntime"] == pytest.approx(row["median_ms"] / rows["onnxruntime"]["median_ms"])
+    for name in bench.TVM_VARIANTS:
+        assert rows[name]["speedup_vs_untuned"] == pytest.approx(
+            rows["tvm-untuned-unfused"]["median_ms"] / rows[name]["median_ms"])
+    assert "kernels tuned" in rows["tvm-tuned-fused"]["note"]
+    assert "| tvm-tuned-fused |" in proc.stdout  # the markdown table
+    png = out_png.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out_png).shape[0] > 100
+
+
+def test_missing_records_are_said_not_hidden(tmp_path):
+    report = bench.bench(SMALL, bench.BenchConfig(tuning_records=tmp_path, input_shape=SHAPE, repeat=2, threads=1))
+    rows = {r.variant: r for r in report.rows}
+    for name in ("tvm-tuned-unfused", "tvm-tuned-fused"):
+        assert rows[name].median_ms is None and rows[name].correct is None
+        assert "no tuning records" in rows[name].note
+    assert rows["tvm-untuned-fused"].correct and rows["tvm-untuned-fused"].median_ms > 0
+
+
+def test_wrong_output_is_reported_not_timed():
+    """A real TVM build checked against another model's PyTorch output: wrong, and never timed."""
+    import tvm
+
+    preset = targets.resolve("host")
+    imported = frontend.load(SMALL, SHAPE)
+    executable, _ = pipeline.build(pipeline.lower(imported.mod, preset), preset)
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    x = imported.random_input()
+    other = frontend.load("shufflenet_v1_g3_x0_5", SHAPE).reference(x)  # same shape, other weights
+    timed = []
+    row = bench.measure(bench.Row("tvm-untuned-fused", "this CPU"),
+                        lambda: vm["main"](tvm.runtime.tensor(x)).numpy(),
+                        lambda: timed.append(1) or [1.0], other, 1e-4)
+    assert row.correct is False and row.median_ms is None and timed == []
+    assert "WRONG" in row.note
+    right = bench.measure(bench.Row("tvm-untuned-fused", "this CPU"),
+                          lambda: vm["main"](tvm.runtime.tensor(x)).numpy(),
+                          lambda: [1.0, 2.0, 3.0], imported.reference(x), 1e-4)
+    assert right.correct and right.median_ms == 2.0
+
+
+def test_check_rejects_shape_and_nan():
+    ok, err = bench.check(np.ones((1, 10)), np.ones((1, 10)), 1e-4)
+    assert ok and err == 0
+    assert not bench.check(np.ones((1, 9)), np.ones((1, 10)), 1e-4)[0]
+    assert not bench.check(np.full((1, 10), np.nan), np.ones((1, 10)), 1e-4)[0]

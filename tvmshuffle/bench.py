@@ -1,0 +1,311 @@
+"""``tvmshuffle bench``: TVM (untuned/tuned × unfused/fused), PyTorch and ONNX Runtime, one process.
+
+Every variant runs on the same input with the same thread count. Each one's output is first
+checked against PyTorch (max error ≤ ``tolerance`` × the output scale); a variant that
+disagrees is reported as wrong and not timed. Then warm-up runs, then ``repeat`` timed runs:
+median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
+the TVM variants run on the device (emulated devices labelled so); PyTorch and ONNX Runtime
+rows say "host only".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import frontend, pipeline, targets, tuning
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TVM_VARIANTS = ("tvm-untuned-unfused", "tvm-untuned-fused", "tvm-tuned-unfused", "tvm-tuned-fused")
+VARIANTS = (*TVM_VARIANTS, "pytorch", "onnxruntime")
+
+
+@dataclass
+class BenchConfig:
+    target: str = "host"
+    #: a records dir (fused; ``<dir>-unfused`` beside it) or a root (``<root>/<target>/<model>[-unfused]``);
+    #: None: the shipped tuning_logs/
+    tuning_records: Path | None = None
+    threads: int | None = None  # None: all cores
+    repeat: int = 30
+    warmup: int = 5
+    tolerance: float = 1e-4
+    input_shape: tuple[int, ...] | None = None
+    weights: str | None = None
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+
+
+@dataclass
+class Row:
+    variant: str
+    where: str  # "this CPU", "emulated aarch64 (…)", "host only", …
+    correct: bool | None = None  # None: not run (e.g. no tuning records)
+    max_error: float | None = None
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    vs_onnxruntime: float | None = None  # median / ONNX Runtime's median
+    speedup_vs_untuned: float | None = None  # tvm-untuned-unfused median / this median
+    note: str = ""
+    samples_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchReport:
+    model: str
+    target: str
+    cpu: str
+    threads: int
+    repeat: int
+    input_shape: list[int]
+    rows: list[Row]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def set_threads(threads: int) -> None:
+    """The same thread count for TVM, PyTorch and ONNX Runtime (call before TVM runs)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    import tvm
+
+    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(0, threads)  # big cores first, `threads` workers
+
+
+def check(output: np.ndarray, expected: np.ndarray, tolerance: float) -> tuple[bool, float]:
+    """(agrees with the reference, max error relative to the output scale)."""
+    if output.shape != expected.shape or not np.all(np.isfinite(output)):
+        return False, float("inf")
+    error = float(np.abs(output - expected).max() / max(1.0, float(np.abs(expected).max())))
+    return error <= tolerance, error
+
+
+def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[float]],
+            expected: np.ndarray, tolerance: float) -> Row:
+    """Check ``run()`` against ``expected``; time it with ``time_it()`` only if it agrees."""
+    row.correct, row.max_error = check(run(), expected, tolerance)
+    if not row.correct:
+        row.note = f"WRONG: max error {row.max_error:.2e} > {tolerance:g}; not timed"
+        return row
+    row.samples_ms = time_it()
+    row.median_ms = float(np.median(row.samples_ms))
+    row.p10_ms = float(np.percentile(row.samples_ms, 10))
+    row.p90_ms = float(np.percentile(row.samples_ms, 90))
+    return row
+
+
+def _loop_timer(fn: Callable[[], object], warmup: int, repeat: int) -> Callable[[], list[float]]:
+    def time_it() -> list[float]:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return samples
+
+    return time_it
+
+
+def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> BenchReport:
+    """Measure every variant of ``model``; see the module docstring."""
+    if config.repeat < 1 or config.warmup < 0:
+        raise UserError("--repeat must be >= 1 (and warm-up >= 0)")
+    if bool(config.rpc_tracker) != bool(config.rpc_key):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    preset = targets.resolve(config.target)
+    remote_run = config.rpc_tracker is not None
+    if preset.is_cross and not remote_run:
+        raise UserError(f"--target {preset.name}: code for it cannot run here; give --rpc-tracker and --rpc-key")
+    threads = config.threads or os.cpu_count() or 1
+    set_threads(threads)
+    imported = frontend.load(model, config.input_shape, config.weights)
+    x = imported.random_input(seed=1)
+    expected = imported.reference(x)  # PyTorch (ONNX Runtime for an .onnx model)
+    root = config.tuning_records
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir or tmp)
+        for variant in TVM_VARIANTS:
+            fused, tuned = variant.endswith("-fused"), "-tuned-" in variant
+            rows.append(_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work))
+    rows.append(_bench_pytorch(imported, x, expected, config))
+    rows.append(_bench_onnxruntime(imported, model, x, expected, config, threads))
+    _ratios(rows)
+    return BenchReport(imported.name, preset.name, targets.host_cpu_name(), threads, config.repeat,
+                       list(imported.input_shape), rows)
+
+
+def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
+    """``--tuning-records``: a records dir (the fused one; ``<dir>-unfused`` beside it) or a root
+    like ``tuning_logs/`` (``<root>/<target>/<model>[-unfused]``); None: the shipped records."""
+    if root is not None and (Path(root) / tuning.WORKLOAD_FILE).exists():
+        root = Path(root)
+        return root if fused else root.with_name(root.name + "-unfused")
+    return tuning.records_dir_for(preset.name, tuning.records_key(imported.name, fused, imported.input_shape), root)
+
+
+def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work) -> Row:
+    import tvm
+
+    remote_run = config.rpc_tracker is not None
+    row = Row(variant, "this CPU")
+    records = None
+    if tuned:
+        records = _records_for(root, preset, imported, fused)
+        if not records.exists():
+            row.note = f"no tuning records in {records} (tvmshuffle tune … --target {preset.name})"
+            return row
+    log.info("%s: building", variant)
+    mod = pipeline.lower(imported.mod, preset, fuse=fused)
+    try:
+        executable, tuned_kernels = pipeline.build(mod, preset, records)
+    except UserError as err:  # records for another target: say so in the row, go on
+        row.note = str(err)
+        return row
+    if tuned:
+        row.note = f"{tuned_kernels} kernels tuned ({records})"
+    if remote_run:
+        from . import remote
+
+        lib = pipeline.export(executable, preset, work / f"{variant}.so")
+        result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,
+                                   repeat=config.repeat, number=1)
+        row.where = result.latency_label
+        return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance)
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    data = tvm.runtime.tensor(x, tvm.cpu())
+
+    def run():
+        out = vm["main"](data)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+    def time_it():
+        timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=config.repeat + config.warmup)
+        return [t * 1e3 for t in timer(data).results[config.warmup:]]
+
+    return measure(row, run, time_it, expected, config.tolerance)
+
+
+def _bench_pytorch(imported, x, expected, config) -> Row:
+    row = Row("pytorch", "host only" if config.rpc_tracker else "this CPU")
+    module = imported.torch_module
+    if module is None:
+        row.note = "an .onnx model has no PyTorch module"
+        return row
+    import torch
+
+    data = torch.from_numpy(x)
+
+    def run():
+        with torch.no_grad():
+            return module(data).numpy()
+
+    return measure(row, run, _loop_timer(run, config.warmup, config.repeat), expected, config.tolerance)
+
+
+def _bench_onnxruntime(imported, model, x, expected, config, threads) -> Row:
+    import onnxruntime as ort
+
+    row = Row("onnxruntime", "host only" if config.rpc_tracker else "this CPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        if imported.source == "onnx":
+            path = model
+        else:
+            import torch
+
+            path = os.path.join(tmp, "model.onnx")
+            torch.onnx.export(imported.torch_module, (torch.from_numpy(x),), path, dynamo=False,
+                              opset_version=17, input_names=["input"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run():
+        return session.run(None, {name: x})[0]
+
+    row.note = f"CPUExecutionProvider, {threads} threads"
+    return measure(row, run, _loop_timer(run, config.warmup, config.repeat), expected, config.tolerance)
+
+
+def _ratios(rows: list[Row]) -> None:
+    by = {r.variant: r for r in rows}
+    ort = by["onnxruntime"].median_ms
+    base = by["tvm-untuned-unfused"].median_ms
+    for r in rows:
+        if r.median_ms is None:
+            continue
+        if ort:
+            r.vs_onnxruntime = r.median_ms / ort
+        if base and r.variant.startswith("tvm-"):
+            r.speedup_vs_untuned = base / r.median_ms
+
+
+# --------------------------------------------------------------------------- output
+
+
+def markdown(report: BenchReport) -> str:
+    def f(v, fmt="{:.2f}"):
+        return fmt.format(v) if v is not None else "–"
+
+    lines = [
+        f"**{report.model}** on {report.target} ({report.cpu}), input {'x'.join(map(str, report.input_shape))}, "
+        f"{report.threads} threads, median of {report.repeat} runs",
+        "",
+        "| variant | where | correct | median ms | p10 | p90 | × ONNX Runtime | speed-up vs untuned | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report.rows:
+        correct = {True: "yes", False: "**NO**", None: "–"}[r.correct]
+        lines.append(
+            f"| {r.variant} | {r.where} | {correct} | {f(r.median_ms)} | {f(r.p10_ms)} | {f(r.p90_ms)} | "
+            f"{f(r.vs_onnxruntime)} | {f(r.speedup_vs_untuned, '{:.1f}x')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: BenchReport, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.median_ms is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    names = [r.variant for r in rows]
+    medians = [r.median_ms for r in rows]
+    errors = [[r.median_ms - r.p10_ms for r in rows], [r.p90_ms - r.median_ms for r in rows]]
+    colors = ["#4c72b0" if n.startswith("tvm") else "#999999" for n in names]
+    ax.barh(names, medians, xerr=errors, color=colors)
+    for i, r in enumerate(rows):
+        label = f"{r.median_ms:.2f} ms" + (" (emulated)" if "emulated" in r.where else "")
+        ax.text(r.median_ms, i, "  " + label, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency, ms (median; bars p10–p90)")
+    ax.set_title(f"{report.model} on {report.target} ({report.cpu}), {report.threads} threads", fontsize=9)
+    ax.set_xlim(0, max(medians) * 1.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
