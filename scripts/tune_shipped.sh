@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRIALS=${TRIALS:-800}
-BATCH=${BATCH:-16}
+BATCH=${BATCH:-32}
 for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
   for fuse in "" "--no-fuse"; do
     .venv/bin/tvmshuffle tune "$model" --target host --trials "$TRIALS" --trials-per-batch "$BATCH" $fuse

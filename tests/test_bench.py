@@ -94,3 +94,21 @@ def test_check_rejects_shape_and_nan():
     assert ok and err == 0
     assert not bench.check(np.ones((1, 9)), np.ones((1, 10)), 1e-4)[0]
     assert not bench.check(np.full((1, 10), np.nan), np.ones((1, 10)), 1e-4)[0]
+
+
+@pytest.mark.slow
+def test_profile_kernels_sum_to_the_model(tmp_path):
+    from tvmshuffle import profile
+    from tvmshuffle.pipeline import CompileConfig, compile_model
+
+    compiled = compile_model(SMALL, tmp_path / "m.so", CompileConfig(input_shape=SHAPE))
+    result = profile.profile_library(compiled.output)
+    assert len(result.kernels) == compiled.kernels
+    assert all(k.median_ms > 0 for k in result.kernels)
+    assert [k.total_ms for k in result.kernels] == sorted((k.total_ms for k in result.kernels), reverse=True)
+    assert sum(k.share for k in result.kernels) == pytest.approx(1.0)
+    assert abs(result.kernels_ms - result.total_ms) <= 0.25 * result.total_ms, (result.kernels_ms, result.total_ms)
+    convs = [k for k in result.kernels if k.kernel.macs]
+    assert convs and all(k.gflops > 0 for k in convs)
+    text = profile.markdown(result)
+    assert "GFLOP/s" in text and compiled.kernels + 4 == len(text.splitlines())

@@ -154,6 +154,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import tempfile
+
+    from . import profile
+    from .pipeline import CompileConfig, compile_model
+
+    if args.model.endswith(".so"):
+        result = profile.profile_library(Path(args.model), number=args.number, repeat=args.repeat)
+    else:
+        from .frontend import parse_input_shape
+
+        config = CompileConfig(fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
+                               weights=args.weights,
+                               tuning_records=Path(args.tuning_records) if args.tuning_records else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled = compile_model(args.model, Path(tmp) / "model.so", config)
+            result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat)
+            result.model = compiled.model.name
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(profile.markdown(result))
+    return 0
+
+
 def cmd_device(args) -> int:
     from . import device
 
@@ -283,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="time per compiled kernel (fused layer), with MACs and GFLOP/s")
+    p.add_argument("model", help="a host .so from `tvmshuffle compile` (with its .so.json) or a model (compiled first)")
+    p.add_argument("--input-shape", help="N,C,H,W when compiling a model")
+    p.add_argument("--weights", help="state_dict for a zoo model")
+    p.add_argument("--tuning-records", help="records dir to compile the model with")
+    p.add_argument("--no-fuse", action="store_true", help="profile the unfused build")
+    p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
+    p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])

@@ -60,3 +60,57 @@ def time_kernels(library, kernels: list[Kernel], dev=None, number: int = 10, rep
     for r in rows:
         r.share = r.total_ms / total
     return sorted(rows, key=lambda r: r.total_ms, reverse=True)
+
+
+@dataclass
+class Profile:
+    model: str
+    where: str
+    total_ms: float  # whole model, one run (median)
+    kernels: list[KernelTime]
+
+    @property
+    def kernels_ms(self) -> float:
+        return sum(k.total_ms for k in self.kernels)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "where": self.where, "total_ms": self.total_ms,
+                "kernels_ms": self.kernels_ms, "kernels": [k.as_dict() for k in self.kernels]}
+
+
+def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5) -> Profile:
+    """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``)."""
+    import tvm
+
+    from . import pipeline, runtime
+    from .errors import UserError
+
+    if kernels_list is None:
+        meta = pipeline.read_metadata(path)
+        if meta is None:
+            raise UserError(f"{path}: no {pipeline.metadata_path(path).name} beside it (compile with "
+                            "tvmshuffle compile, or profile the model by name)")
+        kernels_list = [Kernel(**k) for k in meta["kernels"]]
+    vm = runtime.load_library(path)
+    lib = tvm.runtime.load_module(str(path))
+    rows = time_kernels(kernel_library(lib), kernels_list, number=number, repeat=repeat)
+    shape = kernels_list[0].inputs[0] if kernels_list else [1, 3, 224, 224]
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    total = runtime.run(vm, x, repeat=repeat, number=number).median_ms
+    return Profile(str(path), "this CPU", total, rows)
+
+
+def markdown(profile: Profile) -> str:
+    lines = [
+        f"**{profile.model}** on {profile.where}: whole model {profile.total_ms:.3f} ms, "
+        f"kernels timed alone sum to {profile.kernels_ms:.3f} ms",
+        "",
+        "| kernel | calls | output | MACs (M) | ms per call | ms total | GFLOP/s | share |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for k in profile.kernels:
+        lines.append(
+            f"| {k.kernel.name} | {k.kernel.calls} | {' '.join(map(str, k.kernel.outputs))} | "
+            f"{k.kernel.macs / 1e6:.2f} | {k.median_ms:.4f} | {k.total_ms:.4f} | {k.gflops:.1f} | {k.share:.1%} |"
+        )
+    return "\n".join(lines)
