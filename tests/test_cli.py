@@ -159,3 +159,30 @@ def test_verbose_shows_traceback():
     proc = cli("--verbose", "compile", "no_such_model", "-o", "x.so")
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr
+
+
+def test_tune_without_tracker_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--rpc-tracker", f"127.0.0.1:{port}",
+               "--rpc-key", "phone", "--tuning-records", tmp_path / "r")
+    assert_one_line_error(proc, f"127.0.0.1:{port}")
+
+
+def test_tune_cross_target_needs_a_device(tmp_path):
+    proc = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--target", "aarch64",
+               "--tuning-records", tmp_path / "r")
+    assert_one_line_error(proc, "--rpc-tracker")
+
+
+def test_compile_refuses_records_of_another_target(tmp_path):
+    records = tmp_path / "r"
+    records.mkdir()
+    (records / "target.json").write_text('{"preset": "aarch64", "target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}')
+    (records / "database_workload.json").write_text("")
+    (records / "database_tuning_record.json").write_text("")
+    proc = cli("compile", SMALL, "--input-shape", "1,3,64,64", "--tuning-records", records, "-o", tmp_path / "m.so")
+    assert_one_line_error(proc, "aarch64")

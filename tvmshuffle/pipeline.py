@@ -162,6 +162,10 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
         raise UserError(f"-o {output}: the library must end in .so")
     preset = targets.resolve(config.target, config.cross_compiler)
     targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
+    if config.tuning_records is not None:
+        from . import tuning
+
+        tuning.check_records(Path(config.tuning_records), preset)  # and if the records do not fit
     start = time.perf_counter()
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)

@@ -323,6 +323,19 @@ def _has_database(records_dir: Path) -> bool:
 # applying records at build time
 
 
+def check_records(records_dir: Path, preset: targets.TargetPreset) -> None:
+    """UserError unless ``records_dir`` holds a tuning database for ``preset``'s target."""
+    records_dir = Path(records_dir)
+    if not records_dir.is_dir():
+        raise UserError(f"--tuning-records {records_dir}: no such directory")
+    if not _has_database(records_dir):
+        raise UserError(
+            f"--tuning-records {records_dir}: no tuning database there "
+            f"({WORKLOAD_FILE}, {RECORD_FILE}); run `tvmshuffle tune` first"
+        )
+    _check_target(records_dir, preset, "apply")
+
+
 def apply_records(mod, preset: targets.TargetPreset, records_dir: Path):
     """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
 
@@ -333,14 +346,7 @@ def apply_records(mod, preset: targets.TargetPreset, records_dir: Path):
     from tvm import relax
 
     records_dir = Path(records_dir)
-    if not records_dir.is_dir():
-        raise UserError(f"--tuning-records {records_dir}: no such directory")
-    if not _has_database(records_dir):
-        raise UserError(
-            f"--tuning-records {records_dir}: no tuning database there "
-            f"({WORKLOAD_FILE}, {RECORD_FILE}); run `tvmshuffle tune` first"
-        )
-    _check_target(records_dir, preset, "apply")
+    check_records(records_dir, preset)
     db_dir = _repair_database_files(records_dir, in_place=False)
     try:
         database = _open_database(db_dir, records_dir)  # reads the files, writes nothing
