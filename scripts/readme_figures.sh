@@ -13,3 +13,5 @@ for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
 done
 TVM_NUM_THREADS=$THREADS .venv/bin/python scripts/bench_fusion.py --tuned --runs 30 --threads "$THREADS" \
   --json docs/bench_fusion_tuned.json
+.venv/bin/python scripts/plot_curve.py tuning_logs/host/shufflenet_v1_g3_x1_0{,-unfused} \
+  tuning_logs/host/shufflenet_v2_x1_0{,-unfused} -o docs/tuning_curve.png

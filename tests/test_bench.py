@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tvmshuffle import bench, frontend, pipeline, targets, tuning
+from tvmshuffle import bench, frontend, pipeline, runtime, targets, tuning
 
 SMALL = "shufflenet_v1_g3_x0_25"
 SHAPE = (1, 3, 64, 64)
@@ -90,10 +90,10 @@ def test_wrong_output_is_reported_not_timed():
 
 
 def test_check_rejects_shape_and_nan():
-    ok, err = bench.check(np.ones((1, 10)), np.ones((1, 10)), 1e-4)
+    ok, err = runtime.check(np.ones((1, 10)), np.ones((1, 10)), 1e-4)
     assert ok and err == 0
-    assert not bench.check(np.ones((1, 9)), np.ones((1, 10)), 1e-4)[0]
-    assert not bench.check(np.full((1, 10), np.nan), np.ones((1, 10)), 1e-4)[0]
+    assert not runtime.check(np.ones((1, 9)), np.ones((1, 10)), 1e-4)[0]
+    assert not runtime.check(np.full((1, 10), np.nan), np.ones((1, 10)), 1e-4)[0]
 
 
 @pytest.mark.slow

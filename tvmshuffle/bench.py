@@ -22,6 +22,7 @@ import numpy as np
 
 from . import frontend, pipeline, targets, tuning
 from .errors import UserError
+from .runtime import check
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ def set_threads(threads: int) -> None:
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
         config(0, threads)  # big cores first, `threads` workers
-
-
-def check(output: np.ndarray, expected: np.ndarray, tolerance: float) -> tuple[bool, float]:
-    """(agrees with the reference, max error relative to the output scale)."""
-    if output.shape != expected.shape or not np.all(np.isfinite(output)):
-        return False, float("inf")
-    error = float(np.abs(output - expected).max() / max(1.0, float(np.abs(expected).max())))
-    return error <= tolerance, error
 
 
 def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[float]],

@@ -96,8 +96,7 @@ def cmd_run(args) -> int:
     meta = pipeline.read_metadata(Path(args.library))
     if args.check and meta:
         expected = frontend.reference(meta["model"], meta.get("weights"))(x)
-        err = float(np.abs(y - expected).max() / max(1.0, float(np.abs(expected).max())))
-        ok = y.shape == expected.shape and err <= args.tolerance
+        ok, err = runtime.check(y, expected, args.tolerance)
         print(f"check against {'ONNX Runtime' if meta['model'].endswith('.onnx') else 'PyTorch'} "
               f"on the host ({meta['model']}): max relative error {err:.2e} -> {'OK' if ok else 'MISMATCH'}")
         if not ok:

@@ -77,3 +77,11 @@ def _to_numpy(out) -> np.ndarray:
     if hasattr(out, "numpy"):
         return out.numpy()
     return _to_numpy(out[0])  # a one-element tuple
+
+
+def check(output: np.ndarray, expected: np.ndarray, tolerance: float) -> tuple[bool, float]:
+    """(agrees with the reference, max error relative to the output scale ``max(1, max|expected|)``)."""
+    if output.shape != expected.shape or not np.all(np.isfinite(output)):
+        return False, float("inf")
+    error = float(np.abs(output - expected).max() / max(1.0, float(np.abs(expected).max())))
+    return error <= tolerance, error
