@@ -212,7 +212,9 @@ def test_apply_empty_database_tunes_nothing(tiny, tmp_path):
 
 
 def test_records_dir_for(monkeypatch):
+    monkeypatch.delenv("TVMSHUFFLE_TUNING_LOGS", raising=False)
     repo_logs = Path(tuning.__file__).resolve().parent.parent / "tuning_logs"
+    assert repo_logs.is_dir()  # the shipped records: the default root in a checkout
     assert tuning.records_dir_for("rpi4", "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
     assert tuning.records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
     monkeypatch.setenv("TVMSHUFFLE_TUNING_LOGS", "/elsewhere")
