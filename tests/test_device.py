@@ -151,6 +151,21 @@ def test_phone_flow_tune_compile_run(emu_device, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.rpc
+@pytest.mark.timeout(900)
+def test_profile_on_the_device(emu_device, tmp_path):
+    tracker, _, _ = emu_device
+    lib = tmp_path / "small-aarch64.so"
+    assert tvmshuffle("compile", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", "-o", lib).returncode == 0
+    proc = tvmshuffle("profile", lib, "--rpc-tracker", tracker, "--rpc-key", KEY, "--number", 1, "--repeat", 2, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert "EMULATED" in result["where"]
+    assert all(k["median_ms"] > 0 for k in result["kernels"])
+    assert abs(result["kernels_ms"] - result["total_ms"]) <= 0.25 * result["total_ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
 @pytest.mark.timeout(1800)
 def test_device_killed_mid_tune_keeps_records_and_resumes(emu_device, tmp_path):
     tracker, port, _ = emu_device

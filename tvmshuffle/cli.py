@@ -156,25 +156,34 @@ def cmd_bench(args) -> int:
 def cmd_profile(args) -> int:
     import tempfile
 
-    from . import profile
-    from .pipeline import CompileConfig, compile_model
+    from . import pipeline, profile
+    from .frontend import parse_input_shape
 
-    if args.model.endswith(".so"):
-        result = profile.profile_library(Path(args.model), number=args.number, repeat=args.repeat)
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    config = pipeline.CompileConfig(
+        target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
+        weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None)
+    model = args.model
+    if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
+        meta = pipeline.read_metadata(Path(model))
+        if meta is None:
+            raise UserError(f"{model}: no {pipeline.metadata_path(Path(model)).name} beside it; profile the model by name")
+        model = meta["model"]
+        config = pipeline.CompileConfig(
+            target=meta["target"] if meta["target"] != "custom" else json.dumps(meta["tvm_target"]),
+            fuse=meta["fused"], input_shape=tuple(meta["input_shape"]), weights=meta.get("weights"),
+            tuning_records=Path(meta["tuning_records"]) if meta.get("tuning_records") else None)
+    if args.rpc_tracker:
+        result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat)
+    elif model.endswith(".so"):
+        result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat)
     else:
-        from .frontend import parse_input_shape
-
-        config = CompileConfig(fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
-                               weights=args.weights,
-                               tuning_records=Path(args.tuning_records) if args.tuning_records else None)
         with tempfile.TemporaryDirectory() as tmp:
-            compiled = compile_model(args.model, Path(tmp) / "model.so", config)
+            compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
             result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat)
             result.model = compiled.model.name
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        print(profile.markdown(result))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else profile.markdown(result))
     return 0
 
 
@@ -312,10 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a host .so from `tvmshuffle compile` (with its .so.json) or a model (compiled first)")
     p.add_argument("--input-shape", help="N,C,H,W when compiling a model")
     p.add_argument("--weights", help="state_dict for a zoo model")
+    p.add_argument("--target", default="host", help="target preset or TVM target JSON (a device's with --rpc-…)")
     p.add_argument("--tuning-records", help="records dir to compile the model with")
     p.add_argument("--no-fuse", action="store_true", help="profile the unfused build")
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
     p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT: profile a device library on the device there")
+    p.add_argument("--rpc-key", help="device key at the tracker")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
 

@@ -78,19 +78,57 @@ class Profile:
                 "kernels_ms": self.kernels_ms, "kernels": [k.as_dict() for k in self.kernels]}
 
 
+def _kernels_of(path) -> list[Kernel]:
+    from . import pipeline
+    from .errors import UserError
+
+    meta = pipeline.read_metadata(path)
+    if meta is None:
+        raise UserError(f"{path}: no {pipeline.metadata_path(path).name} beside it (compile with "
+                        "tvmshuffle compile, or profile the model by name)")
+    return [Kernel(**k) for k in meta["kernels"]]
+
+
+def profile_on_device(model: str, config, tracker: str, key: str, number: int = 10, repeat: int = 5) -> Profile:
+    """Per-kernel times on the device ``key`` behind ``tracker`` (emulated devices: labelled).
+
+    ``model`` is compiled with ``config`` (a :class:`~tvmshuffle.pipeline.CompileConfig` for the
+    device's target). Over RPC the time evaluator finds only functions at a module's root, so
+    the kernels are also exported alone, as a second library, and timed from that one.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from . import frontend, kernels, pipeline, remote, targets
+
+    preset = targets.resolve(config.target, config.cross_compiler)
+    imported = frontend.load(model, config.input_shape, config.weights)
+    mod = pipeline.lower(imported.mod, preset, fuse=config.fuse)
+    executable, _ = pipeline.build(mod, preset, config.tuning_records)
+    kernels_list = kernels.list_kernels(mod)
+    host, port = remote.parse_tracker(tracker)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = pipeline.export(executable, preset, Path(tmp) / "model.so")
+        only_kernels = Path(tmp) / "kernels.so"
+        fcompile = targets.export_function(preset)
+        kernel_library(executable).export_library(str(only_kernels), **({"fcompile": fcompile} if fcompile else {}))
+        session = remote.request_session(host, port, key)
+        vm, dev = remote._load_remote_vm(session, full, key)  # noqa: SLF001 - same package
+        session.upload(str(only_kernels))
+        rows = time_kernels(session.load_module(only_kernels.name), kernels_list, dev, number=number, repeat=repeat)
+    remote._run_stateful(vm, dev, imported.random_input())  # noqa: SLF001
+    total = float(np.median(remote._time_stateful(vm, dev, repeat, number)))  # noqa: SLF001
+    where = key + (" (EMULATED under qemu on this host: not ARM timings)" if remote.is_emulated_key(key) else "")
+    return Profile(imported.name, where, total, rows)
+
+
 def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5) -> Profile:
     """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``)."""
     import tvm
 
-    from . import pipeline, runtime
-    from .errors import UserError
+    from . import runtime
 
-    if kernels_list is None:
-        meta = pipeline.read_metadata(path)
-        if meta is None:
-            raise UserError(f"{path}: no {pipeline.metadata_path(path).name} beside it (compile with "
-                            "tvmshuffle compile, or profile the model by name)")
-        kernels_list = [Kernel(**k) for k in meta["kernels"]]
+    kernels_list = kernels_list or _kernels_of(path)
     vm = runtime.load_library(path)
     lib = tvm.runtime.load_module(str(path))
     rows = time_kernels(kernel_library(lib), kernels_list, number=number, repeat=repeat)
