@@ -173,7 +173,7 @@ def test_device_killed_mid_tune_keeps_records_and_resumes(emu_device, tmp_path):
     record_file = records / "database_tuning_record.json"
     args = ["tune", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", "--rpc-tracker", tracker,
             "--rpc-key", KEY, "--trials-per-batch", 2, "--tuning-records", records]
-    tune = subprocess.Popen([sys.executable, "-m", "tvmshuffle", *map(str, args), "--trials", 200],
+    tune = subprocess.Popen([sys.executable, "-m", "tvmshuffle", *map(str, args), "--trials", "200"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 900

@@ -16,6 +16,7 @@ nothing about the speed of a real ARM core and must never be reported as ARM lat
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -121,7 +122,7 @@ def registered_keys(summary: dict) -> list[str]:
 
 
 def request_session(host: str, port: int, key: str, session_timeout: float = 600.0,
-                    wait_timeout: float = 120.0, connect_timeout: float = 5.0):
+                    wait_timeout: float = 300.0, connect_timeout: float = 5.0):
     """An RPC session on a device ``key``; waits at most ``wait_timeout`` s for a free one."""
     keys = registered_keys(tracker_summary(host, port, connect_timeout))
     if key not in keys:
@@ -159,9 +160,13 @@ def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACK
     start = time.perf_counter()
     remote = request_session(host, port, key, session_timeout=timeout, connect_timeout=connect_timeout)
     log.info("session on %s via %s:%d (%.1f s)", key, host, port, time.perf_counter() - start)
-    vm, dev = _load_remote_vm(remote, lib_path, key)
-    output = _run_stateful(vm, dev, x)
-    times = _time_stateful(vm, dev, repeat, number) if repeat > 0 else []
+    try:
+        vm, dev = _load_remote_vm(remote, lib_path, key)
+        output = _run_stateful(vm, dev, x)
+        times = _time_stateful(vm, dev, repeat, number) if repeat > 0 else []
+    finally:  # end the session now: the device serves one at a time (TVM ends it with the last reference)
+        vm = dev = remote = None
+        gc.collect()
     emulated = is_emulated_key(key) if emulated is None else emulated
     return RemoteRunResult(output, times, key=key, tracker=f"{host}:{port}", emulated=emulated)
 

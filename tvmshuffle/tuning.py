@@ -94,7 +94,7 @@ class TuneConfig:
     #: RPC: the server ends a session after this long; also the bound to reach the tracker
     session_timeout_sec: float = 60.0
     #: RPC: how long to wait for a free device with ``rpc_key``
-    device_wait_sec: float = 30.0
+    device_wait_sec: float = 300.0
     #: measurement: mean of ``number`` runs, ``repeat`` times, each repeat ≥ ``min_repeat_ms``
     number: int = 3
     repeat: int = 1
@@ -521,17 +521,25 @@ def _key_counts(summary: dict, key: str) -> tuple[int, int]:
     return total, free
 
 
-def check_rpc(tracker: str, key: str, device_wait_sec: float = 30.0, timeout: float = 5.0) -> int:
+UNKNOWN_KEY_GRACE_SEC = 20.0
+
+
+def check_rpc(tracker: str, key: str, device_wait_sec: float = 300.0, timeout: float = 5.0) -> int:
     """Check the tracker answers and has a free device with ``key`` (waits up to
     ``device_wait_sec`` for one). Returns the number of free devices; UserError otherwise."""
     host, port = parse_tracker(tracker)
-    deadline = time.monotonic() + device_wait_sec
+    start = time.monotonic()
+    deadline = start + device_wait_sec
     waited = False
     while True:
         summary = tracker_summary(host, port, timeout)
         total, free = _key_counts(summary, key)
         if free > 0:
             return free
+        # a busy device is waited for; a key nobody registers fails after a short grace
+        # (a server re-registers with the tracker a moment after each session)
+        if not total and time.monotonic() >= start + min(device_wait_sec, UNKNOWN_KEY_GRACE_SEC):
+            deadline = time.monotonic()
         if time.monotonic() >= deadline:
             if total:
                 raise UserError(
