@@ -120,9 +120,10 @@ def cmd_tune(args) -> int:
         from .remote import is_emulated_key
 
         where = f"on {args.rpc_key}" + (" (EMULATED: not an ARM latency)" if is_emulated_key(args.rpc_key) else "")
-    est = f"{result.est_latency_ms:.3f} ms {where}" if result.est_latency_ms is not None else "n/a (a task is unmeasured)"
+    est = f"{result.est_latency_ms:.3f} ms" if result.est_latency_ms is not None else "n/a (a task is unmeasured)"
     print(f"{records}: {len(result.tasks)} tasks, {result.trials_run} trials this run, "
-          f"{result.trials_total} in total; estimated network latency {est}; {result.wall_time_s:.0f} s")
+          f"{result.trials_total} in total, measured {where}; estimated network latency {est}; "
+          f"{result.wall_time_s:.0f} s")
     print(f"compile with: tvmshuffle compile {args.model} --target {args.target} --tuning-records {records}"
           + (" --no-fuse" if args.no_fuse else ""))
     return 0
