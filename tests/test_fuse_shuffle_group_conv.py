@@ -580,17 +580,9 @@ def _count_calls(mod, op_name):
 
 def _lower_and_run(mod, x):
     """FuseShuffleGroupConv, then TVM's lowering and fusion; build for llvm and run."""
-    lowered = tvm.transform.Sequential(
-        [
-            FuseShuffleGroupConv(),
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ]
-    )(mod)
+    from tvmshuffle.pipeline import lower_passes
+
+    lowered = tvm.transform.Sequential(lower_passes(fuse=True))(mod)
     vm = relax.VirtualMachine(tvm.compile(lowered, target="llvm"), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x.numpy()))
     out = out if isinstance(out, tvm.runtime.Tensor) else out[0]

@@ -31,18 +31,9 @@ FAST = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=
 
 
 def _lower(mod, preset):
-    import tvm
-    from tvm import relax
+    from tvmshuffle import pipeline
 
-    with targets.tvm_target(preset):
-        return tvm.transform.Sequential([
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ])(mod)
+    return pipeline.lower(mod, preset, fuse=False)
 
 
 @pytest.fixture(scope="module")
