@@ -22,6 +22,7 @@ import numpy as np
 
 from . import frontend, pipeline, targets, tuning
 from .errors import UserError
+from . import runtime
 from .runtime import check
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     data = tvm.runtime.tensor(x, tvm.cpu())
 
     def run():
-        out = vm["main"](data)
-        return (out if hasattr(out, "numpy") else out[0]).numpy()
+        return runtime.run(vm, x).output
 
     def time_it():
         timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=config.repeat + config.warmup)
