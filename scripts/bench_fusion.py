@@ -52,7 +52,7 @@ def bench_model(name: str, runs: int, tuned: bool):
         if tuned:
             candidate = tuning.records_dir_for(preset.name, tuning.records_key(name, fused, imported.input_shape))
             records = candidate if candidate.exists() else None
-        executable, tuned_kernels = pipeline.build(mod, preset, records)
+        executable, tuned_kernels, _ = pipeline.build(mod, preset, records)
         vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
         out = runtime.run(vm, x).output
         _, err = runtime.check(out, expected, tolerance=1e-4)

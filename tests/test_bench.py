@@ -73,7 +73,7 @@ def test_wrong_output_is_reported_not_timed():
 
     preset = targets.resolve("host")
     imported = frontend.load(SMALL, SHAPE)
-    executable, _ = pipeline.build(pipeline.lower(imported.mod, preset), preset)
+    executable, _, _ = pipeline.build(pipeline.lower(imported.mod, preset), preset)
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
     x = imported.random_input()
     other = frontend.load("shufflenet_v1_g3_x0_5", SHAPE).reference(x)  # same shape, other weights

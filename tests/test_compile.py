@@ -18,7 +18,7 @@ SMALL = "shufflenet_v1_g3_x0_25"
 def compile_and_run(imported, tmp_path, fuse=True):
     preset = targets.resolve("host")
     mod = pipeline.lower(imported.mod, preset, fuse=fuse)
-    executable, _ = pipeline.build(mod, preset)
+    executable, _, _ = pipeline.build(mod, preset)
     lib = pipeline.export(executable, preset, tmp_path / f"{imported.name}.so")
     x = imported.random_input()
     out = runtime.run(runtime.load_library(lib), x).output

@@ -169,7 +169,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
     try:
-        executable, tuned_kernels = pipeline.build(mod, preset, records)
+        executable, tuned_kernels, _ = pipeline.build(mod, preset, records)
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
         return row

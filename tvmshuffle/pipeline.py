@@ -10,7 +10,9 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
    fused behind each convolution). The result is what MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
-4. **build** (:func:`build`): apply tuning records (if any), generate code for the target.
+4. **build** (:func:`build`): hand schedules for the fused kernels (``--schedules hand``,
+   :mod:`tvmshuffle.schedules`), tuning records for the rest (if any), weight repacking folded
+   into the constants, code for the target.
 5. **export** (:func:`export`): one shared library, cross-linked for ARM targets.
 """
 
@@ -39,6 +41,8 @@ class CompileConfig:
     cross_compiler: str | None = None
     input_shape: tuple[int, ...] | None = None
     weights: str | None = None
+    #: "default" (tuned or MetaSchedule-less), "hand" (schedules/) or a directory of schedules
+    schedules: str = "default"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class CompileResult:
     target: targets.TargetPreset
     kernels: int
     tuned_kernels: int
+    hand_kernels: int
     seconds: float
     model: frontend.ImportedModel
 
@@ -79,22 +84,40 @@ def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
         return tvm.transform.Sequential(lower_passes(fuse))(mod)
 
 
-def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None):
-    """Phase 4: apply tuning records (if any) and generate code. Returns (executable, tuned kernels)."""
+def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
+          schedule_source: str = "default"):
+    """Phase 4: schedule and generate code. Returns (executable, tuned kernels, hand kernels).
+
+    Hand schedules (if asked) go first, so they win over tuning records for the fused
+    kernels; the records schedule the rest. A schedule may repack a weight in a block marked
+    ``meta_schedule.layout_rewrite_preproc``; ``SplitLayoutRewritePreproc`` + ``FoldConstant``
+    move that repacking into the constant weights, so it is done once, at compile time.
+    """
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+    from . import schedules
+
     target = targets.tvm_target(preset)
-    tuned = 0
+    tuned = hand = 0
+    if schedule_source != schedules.DEFAULT:
+        mod, hand = schedules.apply(mod, preset, schedule_source)
     if tuning_records is not None:
         from . import tuning
 
         mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records))
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
     finish = tvm.transform.Sequential(
         cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     )
     executable = tvm.compile(mod, target=target, relax_pipeline=finish)
-    return executable, tuned
+    return executable, tuned, hand
 
 
 def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
@@ -131,6 +154,7 @@ def write_metadata(library: Path, model: str, config: CompileConfig, preset: tar
         "tvm_target": preset.target,
         "fused": config.fuse,
         "tuning_records": str(config.tuning_records) if config.tuning_records else None,
+        "schedules": config.schedules,
         "kernels": [k.as_dict() for k in kernels.list_kernels(mod)],
         "tvmshuffle": __version__,
         "tvm": tvm.__version__,
@@ -150,6 +174,19 @@ def read_metadata(library: Path) -> dict | None:
         raise UserError(f"{path}: unreadable library metadata ({err}); recompile or delete it") from err
 
 
+def compiled_from(library: Path) -> tuple[str, CompileConfig]:
+    """The model and :class:`CompileConfig` a library was compiled with (its ``model.so.json``)."""
+    meta = read_metadata(library)
+    if meta is None:
+        raise UserError(f"{library}: no {metadata_path(library).name} beside it; give the model by name")
+    config = CompileConfig(
+        target=meta["target"] if meta["target"] != "custom" else json.dumps(meta["tvm_target"]),
+        fuse=meta["fused"], input_shape=tuple(meta["input_shape"]), weights=meta.get("weights"),
+        tuning_records=Path(meta["tuning_records"]) if meta.get("tuning_records") else None,
+        schedules=meta.get("schedules", "default"))
+    return meta["model"], config
+
+
 def count_kernels(mod) -> int:
     import tvm
 
@@ -166,13 +203,17 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
         from . import tuning
 
         tuning.check_records(Path(config.tuning_records), preset)  # and if the records do not fit
+    if config.schedules != "default":
+        from . import schedules
+
+        schedules.load(config.schedules)  # and if --schedules is not a schedule directory
     start = time.perf_counter()
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
     mod = lower(imported.mod, preset, fuse=config.fuse)
-    executable, tuned = build(mod, preset, config.tuning_records)
+    executable, tuned, hand = build(mod, preset, config.tuning_records, config.schedules)
     path = export(executable, preset, output)
     write_metadata(path, model, config, preset, imported, mod)
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
-    return CompileResult(path, preset, count_kernels(mod), tuned, seconds, imported)
+    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported)

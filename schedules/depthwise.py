@@ -1,0 +1,90 @@
+"""Depthwise KxK (3x3, stride 1 or 2) ``shuffle_group_conv2d``: row vectors, NCHW.
+
+What it does
+------------
+A depthwise conv has no reduction over channels: 9 multiply-adds per output, each input read
+~9 times (stride 1). Output channel ``o`` reads one input channel, ``(o % g) * C/g + o // g``:
+the shuffle is a per-channel choice of plane, so it costs nothing once the plane is chosen.
+
+* **One padded plane per channel, in cache.** The ``shuffle_pad`` stage (zero border around the
+  *unshuffled* data) is computed per output channel, just for the plane that channel reads
+  (``compute_at`` under the channel loop): (H+2) x (W+2) floats, <= 13 KB at 56x56, in L1.
+  The full padded tensor is never written.
+* **Vectors along the output row.** The graph is NCHW; blocking channels (NCHWc) for a
+  depthwise conv would need a transpose in and out whose cost equals the conv's own 9 MACs per
+  element. An output row is contiguous, so the vector runs along ``x``: the row (7, 14, 28
+  floats, or a chunk of a longer one) is one vector expression that LLVM splits into
+  ymm/q registers (7 and 14 are not multiples of 8/4: the tail uses narrower registers).
+* **Stride 2: phase-split plane.** The padded plane is stored as ``[y][x % 2][x // 2]`` (even
+  and odd columns apart), so the stride-2 reads ``2x + kx`` become unit-stride vector loads of
+  one phase instead of gathers.
+* **Register tile.** ``ty`` output rows at a time (``ty`` x vectors-per-row accumulators, at most
+  registers - 2: 14 ymm for AVX2, 30 q for NEON); the 9 weights of the channel are broadcast
+  once per tile; the kernel loops (``ky``, ``kx``) and the tile rows are unrolled so that LLVM
+  keeps the accumulators in registers and reuses each loaded input row for every output row
+  that needs it.
+* **Epilogue** (BN bias, ReLU, residual add) inlined into one block over the tile right after it.
+* **Parallel** over channels.
+"""
+
+from __future__ import annotations
+
+NAME = "depthwise"
+
+
+def matches(layer, isa) -> bool:
+    return layer.kind == "depthwise" and layer.padded and layer.stride[0] == layer.stride[1] in (1, 2)
+
+
+def _tile(layer, isa) -> tuple[int, int]:
+    """(row chunk width, rows per tile)."""
+    out_h, out_w = layer.out_hw
+    # the row chunk: the whole row up to 4 vectors, else the largest divisor that fits
+    limit = 4 * isa.lanes
+    chunk = out_w if out_w <= limit else max(d for d in range(1, limit + 1) if out_w % d == 0)
+    vectors = -(-chunk // isa.lanes)
+    rows = max(d for d in range(1, out_h + 1) if out_h % d == 0 and d * vectors <= isa.registers - 2)
+    return chunk, rows
+
+
+def apply(sch, layer, isa, sample: bool = False) -> None:
+    chunk, rows = _tile(layer, isa)
+    stride = layer.stride[0]
+    conv = sch.get_sblock("shuffle_group_conv2d")
+    pad = sch.get_sblock("shuffle_pad")
+    epilogue = [sch.get_sblock(name) for name in layer.epilogue]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    last = epilogue[-1] if epilogue else None
+
+    if stride == 2:  # even / odd columns apart: stride-2 reads become unit-stride
+        sch.transform_layout(pad, ("write", 0), lambda n, c, y, x: (n, c, y, x % 2, x // 2))
+
+    n, o, y, x, *red = sch.get_loops(conv)
+    y_out, y_in = sch.split(y, _factors(sch, y, rows, sample))
+    x_out, x_in = sch.split(x, [None, chunk])
+    sch.reorder(n, o, y_out, x_out, *red, y_in, x_in)
+    channel = sch.fuse(n, o)
+
+    sch.compute_at(pad, channel, preserve_unit_loops=True)  # this channel's padded plane only
+    *_, pad_x = sch.get_loops(pad)
+    sch.vectorize(pad_x)
+
+    if last is not None:
+        sch.reverse_compute_at(last, x_out, preserve_unit_loops=True)
+        *_, e_x = sch.get_loops(last)
+        sch.vectorize(e_x)
+    for loop in [*red, y_in]:
+        sch.unroll(loop)
+    sch.vectorize(x_in)
+    sch.parallel(channel)
+    sch.decompose_reduction(conv, red[0])
+
+
+def _factors(sch, loop, inner: int, sample: bool):
+    """``[None, inner]``, or (tuning) a sampled perfect tile with ``inner`` as its first guess."""
+    if not sample:
+        return [None, inner]
+    extent = int(sch.get(loop).extent)
+    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
+                                   decision=[extent // inner, inner])

@@ -1,0 +1,158 @@
+"""Pointwise (1x1, dense or grouped) ``shuffle_group_conv2d``: a register-tiled GEMM, NCHW.
+
+What it does
+------------
+A 1x1 convolution over NCHW data is a GEMM per image: ``out[o, p] = sum_k W[o, k] * X[k, p]``
+with ``p = y * W + x`` (the H x W plane is contiguous) and ``k`` the input channel read through
+the shuffle. The graph stays NCHW end to end, so instead of converting to NCHWc (a transpose in
+and out of every layer) the schedule vectorises along an axis that is already contiguous:
+
+* **pixel-vector** (``P % lanes == 0``, e.g. 28x28, 56x56): a micro-tile of ``mr`` output
+  channels x ``nr`` vectors of pixels, accumulators ``mr * nr`` vector registers; per ``k`` it
+  loads ``nr`` vectors of ``X[k, p:p+nr*lanes]`` and broadcasts ``mr`` weights.
+* **channel-vector** (``O % lanes == 0``, e.g. 7x7 and 14x14 planes whose pixel count 49 / 196
+  no vector divides): a micro-tile of ``mv`` vectors of output channels x ``np`` pixels; per
+  ``k`` it loads ``mv`` weight vectors and broadcasts ``np`` pixels. The weight is repacked to
+  ``[O/lanes, K, lanes]`` by a block marked ``meta_schedule.layout_rewrite_preproc``, which the
+  compiler splits off and folds into the (constant) weights at compile time
+  (``SplitLayoutRewritePreproc`` + ``FoldConstant``), so it costs nothing at run time.
+* neither divides: the same with half-width vectors (SSE / 2-lane NEON).
+
+The tile is the largest ``accumulators = mr * nr`` (resp. ``mv * np``) that divides the layer
+and leaves registers for the loaded operands: ``acc + loads + 1 <= registers`` — 16 ymm
+registers for AVX2 (8 floats), 32 q registers for NEON (4 floats), so NEON gets twice the
+accumulators at half the width. The reduction is the whole ``k`` range inside the tile (``K``
+<= 1024 here: a tile's ``X`` panel of ``K x 8..16`` floats stays in L1/L2).
+
+The shuffle is in the index: the fused op's reduction is split ``k = rj * g + ri`` so the source
+channel is ``ri * C/g + rj`` (affine), and consecutive ``rj`` read consecutive channels.
+
+The epilogue (BN bias, ReLU, residual add) is inlined into one block that runs over the tile
+right after its reduction, while the accumulators are still in registers/L1.
+
+Parallelism: output-channel tiles (and pixel tiles in the pixel-vector form) over the cores.
+"""
+
+from __future__ import annotations
+
+from tvm.tirx import IndexMap
+
+NAME = "pointwise"
+_CANDIDATE_TILES = range(1, 33)
+
+
+def matches(layer, isa) -> bool:
+    return layer.kind == "pointwise" and _choose(layer, isa) is not None
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in _CANDIDATE_TILES if d <= limit and n % d == 0]
+
+
+def _choose(layer, isa):
+    """(form, lanes, rows, cols): the best register tile for this layer on this ISA."""
+    out_c = layer.out_channels
+    pixels = layer.out_hw[0] * layer.out_hw[1]
+    per_group = layer.out_per_group
+    best = None
+    for lanes in (isa.lanes, isa.lanes // 2):
+        if lanes < 2:
+            continue
+        options = []
+        if pixels % lanes == 0:  # pixel-vector: rows = output channels, cols = pixel vectors
+            for nr in _divisors(pixels // lanes, isa.registers):
+                for mr in _divisors(out_c, isa.registers):
+                    if mr * nr <= isa.registers - 2:
+                        options.append(("pixel", lanes, mr, nr))
+        if out_c % lanes == 0 and per_group % lanes == 0:  # channel-vector: rows = o vectors
+            for mv in _divisors(out_c // lanes, isa.registers):
+                if per_group % (mv * lanes):
+                    continue
+                for np_ in _divisors(pixels, isa.registers):
+                    if mv * np_ <= isa.registers - 2:
+                        options.append(("channel", lanes, mv, np_))
+        if options:
+            # most accumulators, then fewest loads per FMA, then pixel form (no packing)
+            def score(t):
+                form, _, a, b = t
+                loads = b if form == "pixel" else a
+                return (a * b, -(loads + (a if form == "pixel" else b)), form == "pixel")
+
+            best = max(options, key=score)
+            break
+    return best
+
+
+def apply(sch, layer, isa, sample: bool = False) -> None:
+    form, lanes, rows, cols = _choose(layer, isa)
+    conv = sch.get_sblock("shuffle_group_conv2d")
+    width = layer.out_hw[1]
+    epilogue = [sch.get_sblock(name) for name in layer.epilogue]
+
+    # One pixel axis p = y * W + x for the conv, its accumulator buffer and the epilogue, so a
+    # tile of consecutive pixels is one contiguous range (tiles may span rows).
+    # The accumulators (the conv's output buffer, a tile of it after compaction) are laid out
+    # with the vector lanes innermost, so LLVM can keep them in vector registers.
+    if form == "pixel":
+        sch.transform_layout(conv, ("write", 0), lambda n, c, y, x: (n, c, y * width + x))
+    else:
+        sch.transform_layout(conv, ("write", 0),
+                             lambda n, c, y, x: (n, c // lanes, y * width + x, c % lanes))
+    sch.transform_block_layout(conv, IndexMap.from_func(
+        lambda n, o, y, x, *red: (n, o, y * width + x, *red), ndim=4 + len(layer.reduction)))
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    last = epilogue[-1] if epilogue else None
+    if last is not None:
+        sch.transform_block_layout(last, lambda n, c, y, x: (n, c, y * width + x))
+
+    n, o, p, *red = sch.get_loops(conv)
+    if form == "pixel":
+        o_out, o_in = sch.split(o, _factors(sch, o, rows, sample))
+        p_vecs, p_lane = sch.split(p, [None, lanes])
+        p_out, p_vec = sch.split(p_vecs, _factors(sch, p_vecs, cols, sample))
+        sch.reorder(n, o_out, p_out, *red, o_in, p_vec, p_lane)
+        tile_loops, lane = [o_in, p_vec], p_lane
+        outer = [n, o_out, p_out]
+    else:
+        o_blocks, o_lane = sch.split(o, [None, lanes])
+        o_out, o_vec = sch.split(o_blocks, _factors(sch, o_blocks, rows, sample))
+        p_out, p_in = sch.split(p, _factors(sch, p, cols, sample))
+        sch.reorder(n, o_out, p_out, *red, p_in, o_vec, o_lane)
+        tile_loops, lane = [p_in, o_vec], o_lane
+        outer = [n, o_out, p_out]
+        # weight [O, K, 1, 1] -> [O/lanes, K, lanes], folded into the constant at compile time
+        packed = sch.cache_read(conv, 1, "global")
+        sch.transform_layout(packed, ("write", 0), lambda o, k, a, b: (o // lanes, k, o % lanes))
+        sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", 1)
+
+    if last is not None:
+        sch.reverse_compute_at(last, outer[-1], preserve_unit_loops=True)
+        *_, e_chan, e_pix = sch.get_loops(last)
+        # read the accumulators the way the conv wrote them (else LLVM keeps them in memory)
+        # and unrolled, so that every accumulator index is a constant
+        if form == "pixel":
+            e_vec, e_lane = sch.split(e_pix, [None, lanes])
+            sch.unroll(e_chan)
+            sch.unroll(e_vec)
+            sch.vectorize(e_lane)
+        else:
+            sch.reorder(e_pix, e_chan)
+            e_vec, e_lane = sch.split(e_chan, [None, lanes])
+            sch.unroll(e_pix)
+            sch.unroll(e_vec)
+            sch.vectorize(e_lane)
+    for loop in tile_loops:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+    sch.parallel(sch.fuse(*outer[:2]) if form == "channel" else sch.fuse(*outer))
+    sch.decompose_reduction(conv, red[0])
+
+
+def _factors(sch, loop, inner: int, sample: bool):
+    """``[None, inner]``, or (tuning) a sampled perfect tile with ``inner`` as its first guess."""
+    if not sample:
+        return [None, inner]
+    extent = int(sch.get(loop).extent)
+    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
+                                   decision=[extent // inner, inner])

@@ -1,0 +1,223 @@
+"""Hand schedules for the fused shuffle+conv kernels (``schedules/``): numerics, targets, CLI.
+
+Every schedule is applied to a fused PrimFunc as the compiler makes it (shuffle_group_conv2d +
+bias + ReLU / residual add, after FuseOps/FuseTIR), built for this CPU (AVX2) and for aarch64
+(NEON), and its output compared with the NumPy reference of the operator.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvm
+from tvm import relax
+
+from tvmshuffle import pipeline, schedules, targets
+from tvmshuffle.errors import UserError
+from tvmshuffle.ops import emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
+
+HOST = targets.resolve("host")
+AARCH64 = targets.resolve("aarch64")
+
+
+# name (kind_...) → (data shape, weight shape, operator params, epilogue)
+LAYERS = {
+    # V2 1x1 on half of a shuffled tensor, 28x28: pixel-vector form
+    "pw_v2_half_28": ((1, 116, 28, 28), (58, 58, 1, 1), dict(shuffle_groups=2, channel_offset=58), "bias_relu"),
+    # 7x7 plane (49 pixels, no vector divides): channel-vector form, weight repacked
+    "pw_dense_7": ((1, 64, 7, 7), (32, 64, 1, 1), dict(shuffle_groups=4), "bias_relu"),
+    # grouped 1x1 (conv groups 4) read through a shuffle, residual add epilogue
+    "pw_grouped_14": ((1, 48, 14, 14), (48, 12, 1, 1), dict(shuffle_groups=3, conv_groups=4), "bias_add"),
+    # odd channel count and 14x14: only half-width vectors divide
+    "pw_half_lanes": ((1, 116, 14, 14), (58, 58, 1, 1), dict(shuffle_groups=2), "bias_relu"),
+    # V1 depthwise 3x3 stride 1 (g=3) and stride 2, bias only
+    "dw_s1_28": ((1, 60, 28, 28), (60, 1, 3, 3), dict(shuffle_groups=3, conv_groups=60, padding=1), "bias"),
+    "dw_s2_28": ((1, 120, 28, 28), (120, 1, 3, 3), dict(shuffle_groups=3, conv_groups=120, strides=2, padding=1), "bias"),
+    # a 4x4 input to a 2x2 output: the stride must be read from the index, not the shapes
+    "dw_s2_tiny": ((1, 16, 4, 4), (16, 1, 3, 3), dict(shuffle_groups=2, conv_groups=16, strides=2, padding=1), "bias"),
+    # V2 depthwise stride 2 on an odd 7-wide output, residual add
+    "dw_s2_odd": ((1, 48, 14, 14), (48, 1, 3, 3), dict(shuffle_groups=2, conv_groups=48, strides=2, padding=1), "bias_add"),
+}
+
+
+def _lowered(data_shape, weight_shape, params, epilogue, preset=HOST):
+    """The lowered Relax module (one fused kernel) and the NumPy reference."""
+    rng = np.random.default_rng(sum(data_shape) + sum(weight_shape))
+    weight = rng.standard_normal(weight_shape).astype("float32")
+    bias = rng.standard_normal((1, weight_shape[0], 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(data_shape), "float32"))
+    residual = None
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = emit_shuffle_group_conv2d(bb, x, relax.const(weight), **params)
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            if epilogue == "bias_relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            if epilogue == "bias_add":
+                residual = rng.standard_normal([int(d) for d in y.ty.shape]).astype("float32")
+                y = bb.emit(relax.op.add(y, relax.const(residual)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), preset, fuse=False)
+
+    def reference(data):
+        y = shuffle_group_conv2d_ref(data, weight, **params) + bias
+        if epilogue == "bias_relu":
+            y = np.maximum(y, 0)
+        return y if residual is None else y + residual
+
+    return mod, reference
+
+
+def _fused_funcs(mod):
+    return [f for _, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f) is not None]
+
+
+def _run(executable, data):
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(data)).numpy()
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_hand_schedule_matches_the_reference_op_and_the_default_build(name):
+    data_shape, weight_shape, params, epilogue = LAYERS[name]
+    mod, reference = _lowered(data_shape, weight_shape, params, epilogue)
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
+    assert schedules.schedule_primfunc(func, HOST) is not None, f"no hand schedule fits {layer}"
+
+    hand, _, n_hand = pipeline.build(mod, HOST, schedule_source="hand")
+    default, _, n_default = pipeline.build(mod, HOST)
+    assert (n_hand, n_default) == (1, 0)
+    data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
+    out_hand, out_default = _run(hand, data), _run(default, data)
+    expected = reference(data)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    data_shape, weight_shape, params, epilogue = LAYERS[name]
+    mod, _ = _lowered(data_shape, weight_shape, params, epilogue, preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64, schedule_source="hand")
+    assert n_hand == 1
+    library = pipeline.export(executable, AARCH64, tmp_path / "layer.so")
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_isa_choice_per_target():
+    assert schedules.isa_for(HOST).name == "avx2" and schedules.isa_for(HOST).lanes == 8
+    assert schedules.isa_for(AARCH64).name == "neon" and schedules.isa_for(AARCH64).lanes == 4
+
+
+def test_the_tile_follows_the_isa():
+    """NEON has twice the registers at half the width: the pointwise tile differs."""
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    layer = schedules.describe(_fused_funcs(mod)[0])
+    (pointwise,) = [m for m in schedules.load("hand") if m.NAME == "pointwise"]
+    avx2 = pointwise._choose(layer, schedules.ISAS["avx2"])
+    neon = pointwise._choose(layer, schedules.ISAS["neon"])
+    assert avx2[1] == 8 and neon[1] == 4
+    assert avx2[2] * avx2[3] <= 14 and neon[2] * neon[3] <= 30 and neon[2] * neon[3] > 14
+
+
+# --------------------------------------------------------------------------- what is (not) touched
+
+
+def test_describe_reads_the_fused_kernel():
+    mod, _ = _lowered(*LAYERS["dw_s2_28"])
+    layer = schedules.describe(_fused_funcs(mod)[0])
+    assert (layer.kind, layer.stride, layer.kernel, layer.out_hw) == ("depthwise", (2, 2), (3, 3), (14, 14))
+    assert layer.padded and layer.out_per_group == 1 and layer.epilogue == ["T_add"]
+    mod, _ = _lowered(*LAYERS["pw_grouped_14"])
+    layer = schedules.describe(_fused_funcs(mod)[0])
+    assert (layer.kind, layer.out_per_group, layer.conv_groups) == ("pointwise", 12, 4)
+
+
+def test_kernels_without_the_fused_op_are_left_alone():
+    """Negative: a plain conv2d (no shuffle) is not a hand-schedule candidate; apply() leaves
+    such a module structurally unchanged."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 8, 8, 8], "float32"))
+    w = relax.const(np.ones((8, 1, 3, 3), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=8))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), HOST, fuse=True)
+    assert not _fused_funcs(mod)
+    after, n = schedules.apply(mod, HOST, "hand")
+    assert n == 0
+    tvm.ir.assert_structural_equal(after, mod)
+
+
+def test_a_layer_no_schedule_fits_is_left_alone():
+    """Negative: a 3x3 dense conv through a shuffle is neither pointwise nor depthwise."""
+    mod, _ = _lowered((1, 8, 8, 8), (8, 8, 3, 3), dict(shuffle_groups=2, padding=1), "bias")
+    (func,) = _fused_funcs(mod)
+    assert schedules.describe(func).kind == "other"
+    assert schedules.schedule_primfunc(func, HOST) is None
+
+
+# --------------------------------------------------------------------------- schedule files
+
+
+def test_a_schedule_directory_can_be_the_users(tmp_path):
+    (tmp_path / "broken.py").write_text("NAME = 'broken'\n")
+    with pytest.raises(UserError, match=r"broken\.py: a schedule file must define NAME, matches and apply"):
+        schedules.load(tmp_path)
+    with pytest.raises(UserError, match="not 'default', 'hand' or a directory"):
+        schedules.load(tmp_path / "missing")
+    (tmp_path / "broken.py").unlink()
+    src = schedules.shipped_dir() / "depthwise.py"
+    (tmp_path / "only_depthwise.py").write_text(src.read_text())
+    mods = schedules.load(tmp_path)
+    assert [m.NAME for m in mods] == ["depthwise"]
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    assert schedules.apply(mod, HOST, tmp_path)[1] == 0  # no pointwise schedule in that dir
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def _cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "tvmshuffle", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
+def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
+    library = tmp_path / "model.so"
+    proc = _cli("compile", model, "--input-shape", "1,3,64,64", "--schedules", "hand", "-o", str(library))
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(Path(str(library) + ".json").read_text())
+    fused = sum(k["calls"] > 0 and k["fused_shuffle_conv"] for k in meta["kernels"])
+    assert f"{sum(1 for k in meta['kernels'] if k['fused_shuffle_conv'])} with hand schedules" in proc.stdout
+    assert fused > 0 and meta["schedules"] == "hand"
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = _cli("run", str(library), "--input", str(tmp_path / "x.npy"))  # checks against PyTorch
+    assert proc.returncode == 0, proc.stderr
+    assert "matches" in proc.stdout.lower() or "max" in proc.stdout.lower(), proc.stdout
+
+
+def test_compile_rejects_a_bad_schedules_flag(tmp_path):
+    proc = _cli("compile", "shufflenet_v2_x0_5", "--schedules", str(tmp_path / "nope"), "-o",
+                str(tmp_path / "m.so"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--schedules" in proc.stderr and "nope" in proc.stderr

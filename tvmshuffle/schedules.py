@@ -1,0 +1,335 @@
+"""Hand schedules for the fused ``shuffle_group_conv2d`` kernels: find, describe, apply.
+
+The schedules themselves live in the repository's top-level ``schedules/`` directory, one
+file per kind of layer (``pointwise.py``, ``depthwise.py``), so that a user studying them edits
+plain files; this module is the registry that loads them and the glue to the compiler:
+
+* :func:`describe` reads a fused PrimFunc (conv block ``shuffle_group_conv2d``, maybe a
+  ``shuffle_pad`` stage before it, epilogue blocks after it) into a :class:`ConvLayer`;
+* :func:`isa_for` picks the vector ISA of a target preset (:data:`ISAS`: AVX2, NEON);
+* :func:`load` loads a schedule directory (``"hand"`` = the shipped ``schedules/``);
+* :func:`schedule_primfunc` / :func:`apply` put the hand schedule into one PrimFunc / every
+  fitting PrimFunc of a lowered module (``tvmshuffle compile --schedules hand``);
+* :func:`space_generator` makes a MetaSchedule design space from a hand schedule, its tile
+  sizes left to the search, so tuning starts from it (``tvmshuffle tune --seed-schedules``).
+
+A schedule file defines ``NAME``, ``matches(layer, isa) -> bool`` and
+``apply(sch, layer, isa, sample=False)``; with ``sample=True`` it draws its tile sizes with
+``sch.sample_perfect_tile`` (the hand choice as the initial decision) instead of fixing them,
+which is what makes it a design space.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from . import targets
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONV_BLOCK = "shuffle_group_conv2d"
+PAD_BLOCK = "shuffle_pad"
+
+#: ``--schedules`` values besides a directory path
+DEFAULT, HAND = "default", "hand"
+
+
+@dataclass(frozen=True)
+class Isa:
+    """What a schedule needs to know of a vector ISA (fp32)."""
+
+    name: str
+    lanes: int  # fp32 lanes of one vector register
+    registers: int  # architectural vector registers
+    fma_units: int  # vector FMA instructions issued per cycle (typical core)
+
+
+#: The vector ISAs the hand schedules are written for.
+ISAS = {
+    # x86-64 with AVX2 + FMA: 16 ymm registers of 8 floats, 2 FMA pipes (Haswell .. Zen 4,
+    # whose AVX-512 runs on the same 2 x 256-bit datapaths).
+    "avx2": Isa("avx2", lanes=8, registers=16, fma_units=2),
+    # AArch64 Advanced SIMD: 32 q registers of 4 floats; 2 FMA pipes on Cortex-A7x/X cores.
+    "neon": Isa("neon", lanes=4, registers=32, fma_units=2),
+}
+
+
+def isa_for(preset: targets.TargetPreset) -> Isa:
+    """The ISA the hand schedules use for ``preset``: NEON on AArch64, AVX2 on x86-64."""
+    triple = str(preset.target.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm64")):
+        return ISAS["neon"]
+    if triple and not triple.startswith(("x86_64", "i686")):
+        raise UserError(f"--target {preset.name}: no hand schedules for {triple} (AVX2 and NEON only)")
+    return ISAS["avx2"]
+
+
+@dataclass
+class ConvLayer:
+    """One fused ``shuffle_group_conv2d`` kernel, as its PrimFunc spells it."""
+
+    out_channels: int
+    in_channels: int  # of the (unshuffled) data
+    group_in: int  # input channels per conv group
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    out_hw: tuple[int, int]
+    padded: bool  # a shuffle_pad stage comes first
+    reduction: tuple[str, ...]  # the conv block's reduction iterators, e.g. ("ri", "rj", "ry", "rx")
+    out_per_group: int  # output channels per conv group (all of them: dense; 1: depthwise)
+    epilogue: list[str] = field(default_factory=list)  # block names after the conv, in order
+
+    @property
+    def kind(self) -> str:
+        if self.group_in == 1 and self.kernel != (1, 1):
+            return "depthwise"
+        if self.kernel == (1, 1) and self.stride == (1, 1) and not self.padded:
+            return "pointwise"
+        return "other"
+
+    @property
+    def conv_groups(self) -> int:
+        return self.out_channels // self.out_per_group
+
+
+def _blocks(sch):
+    root = sch.get_sblock("root")
+    return [sch.get(b) for b in sch.get_child_blocks(root)]
+
+
+def describe(func) -> ConvLayer | None:
+    """The :class:`ConvLayer` of a fused PrimFunc, or None if it has no ``shuffle_group_conv2d``."""
+    import tvm
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = _blocks(sch)
+    except Exception:  # noqa: BLE001 - e.g. already scheduled (no flat root)
+        return None
+    names = [b.name_hint for b in blocks]
+    if CONV_BLOCK not in names:
+        return None
+    conv = blocks[names.index(CONV_BLOCK)]
+    spatial = [iv for iv in conv.iter_vars if iv.iter_type == 0]
+    reduce_ = [iv for iv in conv.iter_vars if iv.iter_type != 0]
+    if len(spatial) != 4:
+        return None
+    _, out_c, out_h, out_w = (int(iv.dom.extent) for iv in spatial)
+    weight = next(r.source for r in conv.reads if len(r.source.shape) == 4 and r.source.name.startswith("param"))
+    data = next(r.source for r in conv.reads if not r.source.same_as(weight))
+    _, group_in, kh, kw = (int(d) for d in weight.shape)
+    padded = PAD_BLOCK in names
+    source = blocks[names.index(PAD_BLOCK)].reads[0].source if padded else data
+
+    data_read = next(r for r in conv.reads if r.source.same_as(data))
+
+    def find(expr, match):
+        """First ``match(node)`` that is not None in an index expression (+ - * // % nodes)."""
+        found = match(expr)
+        for child in (getattr(expr, "a", None), getattr(expr, "b", None)):
+            if found is None and child is not None:
+                found = find(child, match)
+        return found
+
+    def factor_of(var, node_type):
+        return lambda node: int(node.b) if isinstance(node, node_type) and node.a.same_as(var) else None
+
+    # a grouped conv's data index holds ``v_o // out_per_group``; a dense one none; depthwise: 1
+    if group_in == 1 and (kh, kw) != (1, 1):
+        out_per_group = 1
+    else:
+        out_per_group = find(data_read.region[1].min, factor_of(spatial[1].var, tvm.tirx.FloorDiv)) or out_c
+    # the data index of y is ``v_y * stride + v_ry`` (``v_y + v_ry`` for stride 1)
+    stride = tuple(find(data_read.region[d].min, factor_of(spatial[d].var, tvm.tirx.Mul)) or 1 for d in (2, 3))
+
+    return ConvLayer(
+        out_channels=out_c,
+        in_channels=int(source.shape[1]),
+        group_in=group_in,
+        kernel=(kh, kw),
+        stride=stride,
+        out_hw=(out_h, out_w),
+        padded=padded,
+        reduction=tuple(iv.var.name.removeprefix("v_") for iv in reduce_),
+        out_per_group=out_per_group,
+        epilogue=names[names.index(CONV_BLOCK) + 1:],
+    )
+
+
+# --------------------------------------------------------------------------- schedule files
+
+
+def shipped_dir() -> Path:
+    """The repository's ``schedules/`` (``$TVMSHUFFLE_SCHEDULES`` overrides it)."""
+    env = os.environ.get("TVMSHUFFLE_SCHEDULES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "schedules"
+
+
+def _directory(source: str | os.PathLike) -> Path:
+    if str(source) == HAND:
+        return shipped_dir()
+    path = Path(source)
+    if not path.is_dir():
+        raise UserError(f"--schedules {source}: not 'default', 'hand' or a directory of schedule files")
+    return path
+
+
+def load(source: str | os.PathLike = HAND) -> list[ModuleType]:
+    """The schedule modules of a directory (``"hand"``: the shipped ones), in file-name order."""
+    directory = _directory(source)
+    modules = []
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"tvmshuffle_schedules.{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001 - a user's file: say which one
+            raise UserError(f"{path}: cannot load this schedule file ({type(err).__name__}: {err})") from err
+        missing = [a for a in ("NAME", "matches", "apply") if not hasattr(module, a)]
+        if missing:
+            raise UserError(f"{path}: a schedule file must define NAME, matches and apply (missing: {', '.join(missing)})")
+        modules.append(module)
+    if not modules:
+        raise UserError(f"--schedules {source}: no schedule files (*.py) in {directory}")
+    return modules
+
+
+def find(layer: ConvLayer, isa: Isa, modules: list[ModuleType]) -> ModuleType | None:
+    """The first schedule module that takes ``layer`` on ``isa``."""
+    return next((m for m in modules if m.matches(layer, isa)), None)
+
+
+def schedule_for(func, preset: targets.TargetPreset, modules: list[ModuleType]) -> ModuleType | None:
+    """The schedule module that fits PrimFunc ``func`` on ``preset``, if any."""
+    layer = describe(func)
+    return find(layer, isa_for(preset), modules) if layer is not None else None
+
+
+def _schedule(func, layer: ConvLayer, isa: Isa, module: ModuleType, sample: bool = False):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    module.apply(sch, layer, isa, sample=sample)
+    return sch
+
+
+def schedule_primfunc(func, preset: targets.TargetPreset, source: str | os.PathLike = HAND,
+                      modules: list[ModuleType] | None = None):
+    """``func`` with its hand schedule (attr ``tirx.is_scheduled`` set), or None if none fits."""
+    layer = describe(func)
+    if layer is None:
+        return None
+    isa = isa_for(preset)
+    module = find(layer, isa, modules if modules is not None else load(source))
+    if module is None:
+        return None
+    try:
+        sch = _schedule(func, layer, isa, module)
+    except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
+        raise UserError(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
+    """Hand-schedule every fused shuffle+conv PrimFunc of ``mod`` that a schedule fits.
+
+    Returns ``(module, number of PrimFuncs scheduled)``. Already scheduled ones (tuned) are
+    left alone: call this before applying tuning records to let the hand schedules win.
+    """
+    import tvm
+
+    modules = load(source)
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            continue
+        scheduled = schedule_primfunc(func, preset, source, modules)
+        if scheduled is not None:
+            updates[gv] = scheduled
+    if updates:
+        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        for gv, func in updates.items():
+            mod[gv] = func
+    log.info("hand schedules (%s): %d kernels", source, len(updates))
+    return mod, len(updates)
+
+
+@dataclass
+class Standalone:
+    """A scheduled kernel split from its weight repacking, to time it alone as the model runs it.
+
+    In a model the ``meta_schedule.layout_rewrite_preproc`` block is split off and folded into
+    the constant weights at compile time; here ``prepack`` (None if there is none) maps the
+    weight argument ``weight_index`` to the layout ``kernel`` takes.
+    """
+
+    kernel: object  # tirx.PrimFunc
+    prepack: object | None = None  # tirx.PrimFunc: (weight) -> packed weight
+    weight_index: int | None = None
+    packed_shape: list[int] | None = None
+
+
+def standalone(func) -> Standalone:
+    """Split a (hand-)scheduled PrimFunc's weight prepacking off, as the model build does."""
+    from tvm import relax
+
+    shapes = [[int(d) for d in p.shape] for p in func.params]
+    params = [relax.Var(f"arg{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes[:-1])]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        gv = bb.add_func(func, "layer")
+        out = bb.emit(relax.call_tir(gv, params, relax.TensorType(shapes[-1], "float32")))
+        bb.emit_func_output(out)
+    mod = relax.transform.SplitLayoutRewritePreproc()(bb.get())
+    calls = [b.value for b in mod["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)
+             and b.value.op.name == "relax.call_tir"]
+    if len(calls) == 1:
+        return Standalone(func)
+    prepack_call, kernel_call = calls
+    weight_index = next(i for i, p in enumerate(params) if p.same_as(prepack_call.args[1].fields[0]))
+    packed_shape = [int(d) for d in prepack_call.ty.shape]
+    return Standalone(mod[kernel_call.args[0]], mod[prepack_call.args[0]], weight_index, packed_shape)
+
+
+# --------------------------------------------------------------------------- MetaSchedule
+
+
+def space_fn(preset: targets.TargetPreset, source: str | os.PathLike = HAND):
+    """A MetaSchedule ``ScheduleFn`` body: the hand schedule with sampled tile sizes.
+
+    Returns ``[]`` for PrimFuncs no hand schedule fits, so that in a
+    ``SpaceGeneratorUnion`` with the default post-order-apply space it adds nothing there.
+    """
+    isa = isa_for(preset)
+    modules = load(source)
+
+    def fn(sch):
+        layer = describe(sch.mod["main"])
+        module = find(layer, isa, modules) if layer is not None else None
+        if module is None:
+            return []
+        module.apply(sch, layer, isa, sample=True)
+        return [sch]
+
+    return fn
+
+
+def space_generator(preset: targets.TargetPreset, source: str | os.PathLike = HAND):
+    """Design space = MetaSchedule's own (post-order-apply) ∪ the hand schedule's."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.SpaceGeneratorUnion(
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(space_fn(preset, source))]
+    )
