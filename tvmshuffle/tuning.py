@@ -108,6 +108,9 @@ class TuneConfig:
     builder_workers: int | None = None
     #: tqdm progress bar on stderr (shown on a terminal only)
     progress: bool = True
+    #: "hand" or a schedules directory: their schedules (tile sizes sampled) join MetaSchedule's
+    #: design space for the fused kernels they fit; None: MetaSchedule's own space only
+    seed_schedules: str | None = None
 
     def __post_init__(self) -> None:
         self.records_dir = Path(self.records_dir)
@@ -764,6 +767,50 @@ def _existing(database, contexts) -> list[tuple[int, float | None]]:
     return list(zip(counts, best))
 
 
+def _seed_record(context, preset, source: str, database, builder, runner, stat: TaskStat) -> None:
+    """Build, measure and commit the hand schedule (the hand design space with its own tile
+    choices) of a task, so that the evolutionary search starts from a measured hand record."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import schedules
+
+    hand_context = ms.TuneContext(
+        mod=context.mod, target=context.target, task_name=context.task_name,
+        space_generator=ms.space_generator.ScheduleFn(schedules.space_fn(preset, source)),
+    ).clone()
+    spaces = hand_context.generate_design_space()
+    if not spaces:
+        return
+    sch = spaces[0]
+    for postproc in hand_context.space_generator.postprocs:
+        if not postproc.apply(sch):
+            log.warning("%s: the hand schedule fails MetaSchedule's %s check; not seeded",
+                        stat.name, type(postproc).__name__)
+            return
+    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    built = builder.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
+    if built.error_msg:
+        log.warning("%s: the hand schedule did not build: %s", stat.name, _worker_message(built.error_msg))
+        return
+    try:
+        result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
+                                                   args_info)])[0].result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg:
+        log.warning("%s: the hand schedule did not run: %s", stat.name, _worker_message(result.error_msg))
+        return
+    workload = database.commit_workload(context.mod)
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, workload, result.run_secs, context.target, args_info))
+    secs = _mean_secs(result.run_secs)
+    stat.trials += 1
+    stat.best_us = secs * 1e6 if secs is not None else stat.best_us
+    log.info("%s: seeded with the %s schedule: %.1f us", stat.name, source, stat.best_us or float("nan"))
+
+
 def _make_runner(config: TuneConfig):
     """(the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast)"""
     from tvm.s_tir import meta_schedule as ms
@@ -829,7 +876,7 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     _repair_database_files(records_dir, in_place=True)
     database = _open_database(records_dir, records_dir)
 
-    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
+    extracted = [t for t in _extract_tasks(mod, target)
                  if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
     if not extracted:
         raise UserError("nothing to tune: the module has no unscheduled PrimFuncs")
@@ -846,6 +893,23 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     log.info("tuned %d trials in %.1f s (%d in %s); est. network latency %s",
              res.trials_run, res.wall_time_s, res.trials_total, records_dir, est)
     return res
+
+
+def _extract_tasks(mod, target):
+    """One task per distinct PrimFunc: from a Relax module's calls, or (a module of PrimFuncs
+    only, as ``tvmshuffle study`` tunes single layers) from the PrimFuncs themselves."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    if any(isinstance(f, relax.Function) for f in mod.functions.values()):
+        return ms.relax_integration.extract_tasks(mod, target)
+    tasks = []
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            task_mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            tasks.append(ms.ExtractedTask(gv.name_hint, task_mod, target, [task_mod], 1))
+    return tasks
 
 
 @contextlib.contextmanager
@@ -870,15 +934,24 @@ def _meta_schedule_log(records_dir: Path):
 
 def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) -> _Tracker:
     from tqdm import tqdm
+
+    from . import schedules
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     records_dir = Path(config.records_dir)
+    seeds = schedules.load(config.seed_schedules) if config.seed_schedules is not None else []
+
+    def space(task):  # the hand schedules join the design space of the kernels they fit
+        if not seeds or schedules.schedule_for(task.dispatched[0]["main"], preset, seeds) is None:
+            return "post-order-apply"
+        return schedules.space_generator(preset, config.seed_schedules)
+
     contexts = [
         ms.TuneContext(
             mod=t.dispatched[0],
             target=t.target,
-            space_generator="post-order-apply",
+            space_generator=space(t),
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=config.search_population,
                 init_min_unmeasured=min(50, config.search_population),
@@ -890,6 +963,7 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
         ).clone()
         for t, lg, rs in zip(extracted, loggers, fork_seed(config.seed, n=len(extracted)))
     ]
+    seeded = [i for i, t in enumerate(extracted) if space(t) != "post-order-apply"]
     weights = [float(t.weight) for t in extracted]
     stats = [TaskStat(t.task_name, w, n, best)
              for t, w, (n, best) in zip(extracted, weights, _existing(database, contexts))]
@@ -919,6 +993,10 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
             f_export=functools.partial(_export, cross_compiler=cross),
         )
         runner, ms_runner = _make_runner(config)
+        for i in seeded:  # measure the hand schedule first: the search starts from its record
+            if stats[i].trials == 0:
+                _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
+                             stats[i])
         # progress first: it may stop the run before a failed batch is committed
         first, last = _callbacks(tracker)
         callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
