@@ -221,3 +221,40 @@ def test_compile_rejects_a_bad_schedules_flag(tmp_path):
                 str(tmp_path / "m.so"), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--schedules" in proc.stderr and "nope" in proc.stderr
+
+
+# --------------------------------------------------------------------------- seeding MetaSchedule
+
+
+FAST_TUNE = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=False,
+                 builder_timeout_sec=120, runner_timeout_sec=60, trials_per_batch=4)
+
+
+def _hand_records(records_dir: Path) -> int:
+    """Records whose trace is a hand schedule (it flattens the conv's pixel or uses a phase
+    layout: TransformBlockLayout / TransformLayout, which MetaSchedule's own rules never emit)."""
+    lines = (records_dir / "database_tuning_record.json").read_text().splitlines()
+    return sum(1 for line in lines if '"TransformBlockLayout"' in line or '"TransformLayout"' in line)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tuning_starts_from_the_hand_schedule(tmp_path):
+    from tvmshuffle import tuning
+
+    mod, reference = _lowered(*LAYERS["pw_v2_half_28"])
+    records = tmp_path / "host" / "layer"
+    result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records,
+                                                      seed_schedules="hand", **FAST_TUNE))
+    assert result.trials_total >= 5  # the seed record + the budget
+    assert _hand_records(records) >= 1
+    executable, tuned, _ = pipeline.build(mod, HOST, records)
+    assert tuned == 1
+    data = np.random.default_rng(2).standard_normal(LAYERS["pw_v2_half_28"][0]).astype("float32")
+    expected = reference(data)
+    np.testing.assert_allclose(_run(executable, data), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+    # negative: without --seed-schedules the search never proposes the hand structure
+    plain = tmp_path / "host" / "plain"
+    tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=plain, **FAST_TUNE))
+    assert _hand_records(plain) == 0
