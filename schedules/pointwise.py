@@ -50,41 +50,46 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 
 def _choose(layer, isa):
-    """(form, lanes, rows, cols): the best register tile for this layer on this ISA."""
+    """(form, width, rows, cols): the register tile doing the most useful lanes per ``k`` step.
+
+    ``width`` is the vector length: the ISA's lanes, or fewer where they do not divide the
+    layer (a 7-wide vector fills 7 of 8 AVX2 lanes: 49- and 196-pixel planes), or half.
+    Accumulators (``rows * cols`` vector registers) stay <= registers - 2.
+    """
     out_c = layer.out_channels
     pixels = layer.out_hw[0] * layer.out_hw[1]
     per_group = layer.out_per_group
-    best = None
-    for lanes in (isa.lanes, isa.lanes // 2):
-        if lanes < 2:
+    budget = isa.registers - 2
+    options = []
+    for width in range(isa.lanes, isa.lanes // 2 - 1, -1):
+        if width < 2:
             continue
-        options = []
-        if pixels % lanes == 0:  # pixel-vector: rows = output channels, cols = pixel vectors
-            for nr in _divisors(pixels // lanes, isa.registers):
-                for mr in _divisors(out_c, isa.registers):
-                    if mr * nr <= isa.registers - 2:
-                        options.append(("pixel", lanes, mr, nr))
-        if out_c % lanes == 0 and per_group % lanes == 0:  # channel-vector: rows = o vectors
-            for mv in _divisors(out_c // lanes, isa.registers):
-                if per_group % (mv * lanes):
+        if pixels % width == 0:  # pixel-vector: rows = output channels, cols = pixel vectors
+            for nr in _divisors(pixels // width, budget):
+                for mr in _divisors(out_c, budget):
+                    if mr * nr <= budget:
+                        options.append(("pixel", width, mr, nr))
+        # channel-vector (rows = vectors of output channels): full or half vectors only
+        if width in (isa.lanes, isa.lanes // 2) and out_c % width == 0 and per_group % width == 0:
+            for mv in _divisors(out_c // width, budget):
+                if per_group % (mv * width):
                     continue
-                for np_ in _divisors(pixels, isa.registers):
-                    if mv * np_ <= isa.registers - 2:
-                        options.append(("channel", lanes, mv, np_))
-        if options:
-            # most accumulators, then fewest loads per FMA, then pixel form (no packing)
-            def score(t):
-                form, _, a, b = t
-                loads = b if form == "pixel" else a
-                return (a * b, -(loads + (a if form == "pixel" else b)), form == "pixel")
+                for np_ in _divisors(pixels, budget):
+                    if mv * np_ <= budget:
+                        options.append(("channel", width, mv, np_))
+    if not options:
+        return None
 
-            best = max(options, key=score)
-            break
-    return best
+    def score(t):  # useful lanes per k, then fewest operand loads, then no packing
+        form, width, a, b = t
+        loads = (b + a) if form == "pixel" else (a + b)
+        return (a * b * width, -loads, form == "pixel")
+
+    return max(options, key=score)
 
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
-    form, lanes, rows, cols = _choose(layer, isa)
+    form, lanes, rows, cols = _choose(layer, isa)  # lanes: the vector width used
     conv = sch.get_sblock("shuffle_group_conv2d")
     width = layer.out_hw[1]
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]

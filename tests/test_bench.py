@@ -50,6 +50,7 @@ def test_bench_runs_every_row(records_root, tmp_path):
         assert rows[name]["speedup_vs_untuned"] == pytest.approx(
             rows["tvm-untuned-unfused"]["median_ms"] / rows[name]["median_ms"])
     assert "kernels tuned" in rows["tvm-tuned-fused"]["note"]
+    assert "with hand schedules" in rows["tvm-tuned-fused-hand"]["note"]
     assert "| tvm-tuned-fused |" in proc.stdout  # the markdown table
     png = out_png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -61,7 +62,7 @@ def test_bench_runs_every_row(records_root, tmp_path):
 def test_missing_records_are_said_not_hidden(tmp_path):
     report = bench.bench(SMALL, bench.BenchConfig(tuning_records=tmp_path, input_shape=SHAPE, repeat=2, threads=1))
     rows = {r.variant: r for r in report.rows}
-    for name in ("tvm-tuned-unfused", "tvm-tuned-fused"):
+    for name in ("tvm-tuned-unfused", "tvm-tuned-fused", "tvm-tuned-fused-hand"):
         assert rows[name].median_ms is None and rows[name].correct is None
         assert "no tuning records" in rows[name].note
     assert rows["tvm-untuned-fused"].correct and rows["tvm-untuned-fused"].median_ms > 0

@@ -101,6 +101,25 @@ def test_model_runs_on_emulated_device_like_pytorch(emu_device, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.rpc
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("model", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
+def test_neon_hand_schedules_run_on_the_device_like_pytorch(emu_device, tmp_path, model):
+    """The NEON variants of schedules/ (pointwise and depthwise, stride 1 and 2) on AArch64."""
+    from tvmshuffle.pipeline import CompileConfig, compile_model
+
+    tracker, _, _ = emu_device
+    compiled = compile_model(model, tmp_path / "hand-aarch64.so",
+                             CompileConfig(target="aarch64", input_shape=SHAPE, schedules="hand"))
+    assert compiled.hand_kernels > 0
+    x = compiled.model.random_input()
+    result = remote.run_remote(compiled.output, x, tracker=tracker, key=KEY, repeat=1, timeout=300)
+    expected = compiled.model.reference(x)
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert float(np.abs(result.output - expected).max()) <= 1e-4 * scale
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
 @pytest.mark.timeout(120)
 def test_unknown_key_is_user_error(emu_device, tmp_path):
     tracker, _, _ = emu_device

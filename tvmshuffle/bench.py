@@ -27,7 +27,9 @@ from .runtime import check
 
 log = logging.getLogger(__name__)
 
-TVM_VARIANTS = ("tvm-untuned-unfused", "tvm-untuned-fused", "tvm-tuned-unfused", "tvm-tuned-fused")
+#: ``-hand``: the fused kernels with the hand schedules of ``schedules/``, the rest tuned
+TVM_VARIANTS = ("tvm-untuned-unfused", "tvm-untuned-fused", "tvm-tuned-unfused", "tvm-tuned-fused",
+                "tvm-tuned-fused-hand")
 VARIANTS = (*TVM_VARIANTS, "pytorch", "onnxruntime")
 
 
@@ -137,8 +139,9 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         for variant in TVM_VARIANTS:
-            fused, tuned = variant.endswith("-fused"), "-tuned-" in variant
-            rows.append(_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work))
+            fused, tuned, hand = "-fused" in variant, "-tuned-" in variant, variant.endswith("-hand")
+            rows.append(_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
+                                   hand))
     rows.append(_bench_pytorch(imported, x, expected, config))
     rows.append(_bench_onnxruntime(imported, model, x, expected, config, threads))
     _ratios(rows)
@@ -155,7 +158,7 @@ def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     return tuning.records_dir_for(preset.name, tuning.records_key(imported.name, fused, imported.input_shape), root)
 
 
-def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work) -> Row:
+def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, hand=False) -> Row:
     import tvm
 
     remote_run = config.rpc_tracker is not None
@@ -169,12 +172,14 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
     try:
-        executable, tuned_kernels, _ = pipeline.build(mod, preset, records)
+        executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, "hand" if hand else "default")
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
         return row
     if tuned:
         row.note = f"{tuned_kernels} kernels tuned ({records})"
+    if hand:
+        row.note += f", {hand_kernels} with hand schedules"
     if remote_run:
         from . import remote
 
