@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -52,9 +53,12 @@ def cmd_compile(args) -> int:
         cross_compiler=args.cross_compiler,
         input_shape=parse_input_shape(args.input_shape),
         weights=args.weights,
+        schedules=args.schedules,
     )
     result = compile_model(args.model, Path(args.output), config)
     tuned = f", {result.tuned_kernels} with tuned schedules" if config.tuning_records else ""
+    if config.schedules != "default":
+        tuned += f", {result.hand_kernels} with {config.schedules} schedules"
     print(
         f"{result.output}: {result.model.name} for {result.target.name} "
         f"({result.kernels} kernels{tuned}, {'fused' if config.fuse else 'unfused'}, "
@@ -112,7 +116,8 @@ def cmd_tune(args) -> int:
     records = Path(args.tuning_records) if args.tuning_records else tuning.records_dir_for(
         preset.name, tuning.records_key(imported.name, not args.no_fuse, imported.input_shape))
     config = tuning.TuneConfig(trials=args.trials, records_dir=records, rpc_tracker=args.rpc_tracker,
-                               rpc_key=args.rpc_key, trials_per_batch=args.trials_per_batch)
+                               rpc_key=args.rpc_key, trials_per_batch=args.trials_per_batch,
+                               seed_schedules=args.seed_schedules)
     mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
     result = tuning.tune(mod, preset, config)
     where = "on this CPU"
@@ -164,17 +169,11 @@ def cmd_profile(args) -> int:
         raise UserError("--rpc-tracker and --rpc-key go together")
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
-        weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None)
+        weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
+        schedules=args.schedules)
     model = args.model
     if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
-        meta = pipeline.read_metadata(Path(model))
-        if meta is None:
-            raise UserError(f"{model}: no {pipeline.metadata_path(Path(model)).name} beside it; profile the model by name")
-        model = meta["model"]
-        config = pipeline.CompileConfig(
-            target=meta["target"] if meta["target"] != "custom" else json.dumps(meta["tvm_target"]),
-            fuse=meta["fused"], input_shape=tuple(meta["input_shape"]), weights=meta.get("weights"),
-            tuning_records=Path(meta["tuning_records"]) if meta.get("tuning_records") else None)
+        model, config = pipeline.compiled_from(Path(model))
     if args.rpc_tracker:
         result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat)
     elif model.endswith(".so"):
@@ -244,6 +243,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from . import study
+    from .frontend import parse_input_shape
+
+    config = study.StudyConfig(
+        target=args.target, models=args.model, input_shape=parse_input_shape(args.input_shape) or (1, 3, 224, 224),
+        tuning_records=Path(args.tuning_records) if args.tuning_records else None,
+        trials_per_layer=args.trials_per_layer, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+        number=args.number, repeat=args.repeat, layers_limit=args.limit, threads=args.threads,
+    )
+    report = study.run_study(config)
+    out = study.write_outputs(report, Path(args.output_dir or Path("out") / "study" / report.target))
+    print(json.dumps(study.to_json(report), indent=2) if args.json else study.markdown(report))
+    print(f"wrote {out['markdown']}, {out['json']}, {out['plot']}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -251,6 +267,12 @@ def _add_model_args(p) -> None:
     p.add_argument("model", help="zoo name (see `tvmshuffle models`), a .pt2 (torch.export.save) or an .onnx file")
     p.add_argument("--input-shape", help="N,C,H,W (default 1,3,224,224; a file's own shape)")
     p.add_argument("--weights", help="state_dict file for a zoo model (default: random init, seed 0)")
+
+
+def _add_schedules_arg(p) -> None:
+    p.add_argument("--schedules", default="default", metavar="default|hand|DIR",
+                   help="schedules for the fused shuffle+conv kernels: hand = schedules/ (over tuning "
+                        "records), or a directory of schedule files like it (default: tuned or untuned)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .so")
     p.add_argument("--no-fuse", action="store_true", help="leave channel shuffles as they are")
     p.add_argument("--tuning-records", help="MetaSchedule records dir (tuning_logs/<target>/<model>)")
+    _add_schedules_arg(p)
     p.add_argument("--cross-compiler", help="linker command for the .so (overrides the preset's)")
     p.set_defaults(func=cmd_compile)
 
@@ -302,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", help="records dir (default tuning_logs/<target>/<model>[-unfused])")
     p.add_argument("--no-fuse", action="store_true", help="tune the unfused module (for comparison)")
     p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")
+    p.add_argument("--seed-schedules", metavar="hand|DIR",
+                   help="add the hand schedules (tile sizes left to the search) to MetaSchedule's "
+                        "design space of the fused kernels, so tuning starts from them")
     p.add_argument("--cross-compiler", help="linker command for candidates (overrides the preset's)")
     p.set_defaults(func=cmd_tune)
 
@@ -325,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="target preset or TVM target JSON (a device's with --rpc-…)")
     p.add_argument("--tuning-records", help="records dir to compile the model with")
     p.add_argument("--no-fuse", action="store_true", help="profile the unfused build")
+    _add_schedules_arg(p)
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
     p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
     p.add_argument("--rpc-tracker", help="HOST:PORT: profile a device library on the device there")
@@ -340,12 +367,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1; an RPC server runs any code it is sent)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_device)
+    p = sub.add_parser("study", help="per-layer study of the fused shuffle_group_conv2d: default/hand/tuned "
+                                     "GFLOP/s against the roofline")
+    p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
+    p.add_argument("--model", action="append", help="zoo model (repeatable; default: every ShuffleNet V1 and V2)")
+    p.add_argument("--input-shape", help="N,C,H,W (default 1,3,224,224)")
+    p.add_argument("--tuning-records", help="records dir, or a root like tuning_logs/ (default: "
+                                            "tuning_logs/<target>/study, then the models' records there)")
+    p.add_argument("--trials-per-layer", type=int, default=0,
+                   help="tune each layer to N trials first (resumable; default 0: no tuning, missing ones said)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT: measure on the device there")
+    p.add_argument("--rpc-key", help="device key at the tracker")
+    p.add_argument("--threads", type=int, help="TVM threads here (default: TVM_NUM_THREADS, else every core)")
+    p.add_argument("--number", type=int, default=20, help="runs averaged per sample (default 20)")
+    p.add_argument("--repeat", type=int, default=15, help="samples, median taken (default 15)")
+    p.add_argument("--limit", type=int, help="the first N distinct layers only")
+    p.add_argument("-o", "--output-dir", help="where study.md, study.json, roofline.png go (default out/study/<target>)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.set_defaults(func=cmd_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
+    # TVM's thread pool takes half the cores on x86 (it assumes hyper-threads): 1 of 2 here.
+    # Every core, unless the user says otherwise; read when the pool starts.
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     if not verbose:  # torch and TVM warn about their own deprecations; not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
