@@ -10,7 +10,7 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
    fused behind each convolution). The result is what MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
-4. **build** (:func:`build`): hand schedules for the fused kernels (``--schedules hand``,
+4. **build** (:func:`schedule`, :func:`codegen`): hand schedules for the fused kernels (``--schedules hand``,
    :mod:`tvmshuffle.schedules`), tuning records for the rest (if any), weight repacking folded
    into the constants, code for the target.
 5. **export** (:func:`export`): one shared library, cross-linked for ARM targets.
@@ -84,22 +84,21 @@ def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
         return tvm.transform.Sequential(lower_passes(fuse))(mod)
 
 
-def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
-          schedule_source: str = "default"):
-    """Phase 4: schedule and generate code. Returns (executable, tuned kernels, hand kernels).
+def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
+             schedule_source: str = "default"):
+    """Phase 4a: schedule the kernels. Returns (module, tuned kernels, hand-scheduled kernels).
 
     Hand schedules (if asked) go first, so they win over tuning records for the fused
     kernels; the records schedule the rest. A schedule may repack a weight in a block marked
     ``meta_schedule.layout_rewrite_preproc``; ``SplitLayoutRewritePreproc`` + ``FoldConstant``
-    move that repacking into the constant weights, so it is done once, at compile time.
+    move that repacking into the constant weights, so it is done once, at compile time (the
+    kernel is then called ``<name>_prepacked``).
     """
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from . import schedules
 
-    target = targets.tvm_target(preset)
     tuned = hand = 0
     if schedule_source != schedules.DEFAULT:
         mod, hand = schedules.apply(mod, preset, schedule_source)
@@ -107,17 +106,32 @@ def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
         from . import tuning
 
         mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records))
-    with target:
+    with targets.tvm_target(preset):
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
+    return mod, tuned, hand
+
+
+def codegen(mod, preset: targets.TargetPreset):
+    """Phase 4b: generate code for the target (the VM executable)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    target = targets.tvm_target(preset)
     finish = tvm.transform.Sequential(
         cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     )
-    executable = tvm.compile(mod, target=target, relax_pipeline=finish)
-    return executable, tuned, hand
+    return tvm.compile(mod, target=target, relax_pipeline=finish)
+
+
+def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
+          schedule_source: str = "default"):
+    """Phase 4: :func:`schedule` + :func:`codegen`. Returns (executable, tuned, hand-scheduled)."""
+    mod, tuned, hand = schedule(mod, preset, tuning_records, schedule_source)
+    return codegen(mod, preset), tuned, hand
 
 
 def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
@@ -211,8 +225,8 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
     mod = lower(imported.mod, preset, fuse=config.fuse)
-    executable, tuned, hand = build(mod, preset, config.tuning_records, config.schedules)
-    path = export(executable, preset, output)
+    mod, tuned, hand = schedule(mod, preset, config.tuning_records, config.schedules)
+    path = export(codegen(mod, preset), preset, output)
     write_metadata(path, model, config, preset, imported, mod)
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
