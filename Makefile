@@ -27,7 +27,8 @@ cross:
 TRACKER := 127.0.0.1:9190
 RECORDS := tuning_logs/host/$(MODEL)
 
-# The main job: this CPU (untuned and with the shipped records) and the emulated ARM device.
+# The main job: this CPU (untuned, with the shipped records, with the hand schedules; the
+# per-layer study) and the emulated ARM device (NEON hand schedules).
 demo: venv cross
 	@mkdir -p $(OUT)
 	$(BIN)/tvmshuffle models
@@ -39,7 +40,11 @@ demo: venv cross
 	@# the shipped records were tuned on this CPU type; elsewhere compile refuses them (say so, go on)
 	-$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(RECORDS) -o $(OUT)/$(MODEL)-host-tuned.so && \
 	  $(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-tuned.so --input $(OUT)/input.npy --repeat 30 --print-time
-	$(BIN)/tvmshuffle compile $(MODEL) --target aarch64 -o $(OUT)/$(MODEL)-aarch64.so
+	@# the fused kernels with the hand schedules of schedules/ (AVX2 here), the rest tuned
+	-$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(RECORDS) --schedules hand -o $(OUT)/$(MODEL)-host-hand.so && \
+	  $(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-hand.so --input $(OUT)/input.npy --repeat 30 --print-time
+	$(BIN)/tvmshuffle study --model $(MODEL) -o $(OUT)/study
+	$(BIN)/tvmshuffle compile $(MODEL) --target aarch64 --schedules hand -o $(OUT)/$(MODEL)-aarch64.so
 	$(BIN)/tvmshuffle device up
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-aarch64.so --input $(OUT)/input.npy --rpc-tracker $(TRACKER) --rpc-key emu-aarch64 --repeat 3 --print-time
 	$(BIN)/tvmshuffle device down

@@ -10,7 +10,11 @@ for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
     --json "docs/bench-$model.json" --plot "docs/bench-$model.png" | tee "docs/bench-$model.md"
   TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" \
     --tuning-records "tuning_logs/host/$model" > "docs/profile-$model.md"
+  TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" --schedules hand \
+    --tuning-records "tuning_logs/host/$model" > "docs/profile-$model-hand.md"
 done
+# every distinct fused layer of the zoo's V1 and V2: default / hand / tuned, roofline
+TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle study -o docs/study
 TVM_NUM_THREADS=$THREADS .venv/bin/python scripts/bench_fusion.py --tuned --runs 30 --threads "$THREADS" \
   --json docs/bench_fusion_tuned.json
 .venv/bin/python scripts/plot_curve.py tuning_logs/host/shufflenet_v1_g3_x1_0{,-unfused} \

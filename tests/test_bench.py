@@ -113,3 +113,14 @@ def test_profile_kernels_sum_to_the_model(tmp_path):
     assert convs and all(k.gflops > 0 for k in convs)
     text = profile.markdown(result)
     assert "GFLOP/s" in text and compiled.kernels + 4 == len(text.splitlines())
+
+
+def test_variants_are_timed_in_interleaved_rounds():
+    """One run of each variant a round, the order rotating: drift hits every variant alike."""
+    order = []
+    rows = [bench.Row(name, "this CPU") for name in ("a", "b", "c")]
+    pending = [(row, lambda name=row.variant: order.append(name) or float(len(order))) for row in rows]
+    bench.time_interleaved(pending, warmup=1, repeat=3)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    assert [len(r.samples_ms) for r in rows] == [3, 3, 3]
+    assert rows[0].samples_ms == [4.0, 9.0, 11.0] and rows[0].median_ms == 9.0

@@ -2,8 +2,9 @@
 
 Every variant runs on the same input with the same thread count. Each one's output is first
 checked against PyTorch (max error ≤ ``tolerance`` × the output scale); a variant that
-disagrees is reported as wrong and not timed. Then warm-up runs, then ``repeat`` timed runs:
-median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
+disagrees is reported as wrong and not timed. Then warm-up runs, then ``repeat`` rounds in which
+every variant runs once (the order rotating: a slow spell of a shared machine hits all variants
+alike): median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
 the TVM variants run on the device (emulated devices labelled so); PyTorch and ONNX Runtime
 rows say "host only".
 """
@@ -91,32 +92,56 @@ def set_threads(threads: int) -> None:
         config(0, threads)  # big cores first, `threads` workers
 
 
-def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[float]],
-            expected: np.ndarray, tolerance: float) -> Row:
-    """Check ``run()`` against ``expected``; time it with ``time_it()`` only if it agrees."""
+def check_row(row: Row, run: Callable[[], np.ndarray], expected: np.ndarray, tolerance: float) -> bool:
+    """Check ``run()`` against ``expected``; a wrong variant is marked and will not be timed."""
     row.correct, row.max_error = check(run(), expected, tolerance)
     if not row.correct:
         row.note = f"WRONG: max error {row.max_error:.2e} > {tolerance:g}; not timed"
-        return row
-    row.samples_ms = time_it()
+    return bool(row.correct)
+
+
+def set_samples(row: Row, samples_ms: list[float]) -> Row:
+    row.samples_ms = list(samples_ms)
     row.median_ms = float(np.median(row.samples_ms))
     row.p10_ms = float(np.percentile(row.samples_ms, 10))
     row.p90_ms = float(np.percentile(row.samples_ms, 90))
     return row
 
 
-def _loop_timer(fn: Callable[[], object], warmup: int, repeat: int) -> Callable[[], list[float]]:
-    def time_it() -> list[float]:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return samples
+def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[float]],
+            expected: np.ndarray, tolerance: float) -> Row:
+    """Check ``run()`` against ``expected``; time it with ``time_it()`` only if it agrees."""
+    if check_row(row, run, expected, tolerance):
+        set_samples(row, time_it())
+    return row
 
-    return time_it
+
+#: a checked variant waiting to be timed: its row and one timed run (ms)
+Pending = tuple[Row, Callable[[], float]]
+
+
+def time_interleaved(pending: list[Pending], warmup: int, repeat: int) -> None:
+    """Time the variants in rounds, one run of each a round (the order rotating), so that a
+    slow spell of a shared machine hits every variant alike instead of the one it falls on."""
+    for _ in range(warmup):
+        for _, sample in pending:
+            sample()
+    samples: list[list[float]] = [[] for _ in pending]
+    for round_ in range(repeat):
+        for k in range(len(pending)):
+            i = (round_ + k) % len(pending)
+            samples[i].append(pending[i][1]())
+    for (row, _), taken in zip(pending, samples):
+        set_samples(row, taken)
+
+
+def _one_run(fn: Callable[[], object]) -> Callable[[], float]:
+    def sample() -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return sample
 
 
 def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> BenchReport:
@@ -136,14 +161,22 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
     expected = imported.reference(x)  # PyTorch (ONNX Runtime for an .onnx model)
     root = config.tuning_records
     rows: list[Row] = []
+    pending: list[Pending] = []  # checked, to be timed together
+
+    def add(row: Row, sample: Callable[[], float] | None) -> None:
+        rows.append(row)
+        if sample is not None:
+            pending.append((row, sample))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         for variant in TVM_VARIANTS:
             fused, tuned, hand = "-fused" in variant, "-tuned-" in variant, variant.endswith("-hand")
-            rows.append(_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
-                                   hand))
-    rows.append(_bench_pytorch(imported, x, expected, config))
-    rows.append(_bench_onnxruntime(imported, model, x, expected, config, threads))
+            add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, hand))
+    add(*_bench_pytorch(imported, x, expected, config))
+    add(*_bench_onnxruntime(imported, model, x, expected, config, threads))
+    log.info("timing %d variants in %d interleaved rounds", len(pending), config.repeat)
+    time_interleaved(pending, config.warmup, config.repeat)
     _ratios(rows)
     return BenchReport(imported.name, preset.name, targets.host_cpu_name(), threads, config.repeat,
                        list(imported.input_shape), rows)
@@ -158,7 +191,10 @@ def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     return tuning.records_dir_for(preset.name, tuning.records_key(imported.name, fused, imported.input_shape), root)
 
 
-def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, hand=False) -> Row:
+def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
+               hand=False) -> tuple[Row, Callable[[], float] | None]:
+    """The variant's row (with a note when it cannot run) and, if it is right, one timed run
+    (None over RPC: the device times its runs itself and the row is complete)."""
     import tvm
 
     remote_run = config.rpc_tracker is not None
@@ -168,14 +204,14 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
         records = _records_for(root, preset, imported, fused)
         if not records.exists():
             row.note = f"no tuning records in {records} (tvmshuffle tune … --target {preset.name})"
-            return row
+            return row, None
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
     try:
         executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, "hand" if hand else "default")
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
-        return row
+        return row, None
     if tuned:
         row.note = f"{tuned_kernels} kernels tuned ({records})"
     if hand:
@@ -187,26 +223,22 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
         result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,
                                    repeat=config.repeat, number=1)
         row.where = result.latency_label
-        return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance)
+        return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance), None
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
     data = tvm.runtime.tensor(x, tvm.cpu())
 
-    def run():
-        return runtime.run(vm, x).output
-
-    def time_it():
-        timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=config.repeat + config.warmup)
-        return [t * 1e3 for t in timer(data).results[config.warmup:]]
-
-    return measure(row, run, time_it, expected, config.tolerance)
+    if not check_row(row, lambda: runtime.run(vm, x).output, expected, config.tolerance):
+        return row, None
+    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1)
+    return row, lambda: timer(data).results[0] * 1e3
 
 
-def _bench_pytorch(imported, x, expected, config) -> Row:
+def _bench_pytorch(imported, x, expected, config) -> tuple[Row, Callable[[], float] | None]:
     row = Row("pytorch", "host only" if config.rpc_tracker else "this CPU")
     module = imported.torch_module
     if module is None:
         row.note = "an .onnx model has no PyTorch module"
-        return row
+        return row, None
     import torch
 
     data = torch.from_numpy(x)
@@ -215,10 +247,10 @@ def _bench_pytorch(imported, x, expected, config) -> Row:
         with torch.no_grad():
             return module(data).numpy()
 
-    return measure(row, run, _loop_timer(run, config.warmup, config.repeat), expected, config.tolerance)
+    return row, (_one_run(run) if check_row(row, run, expected, config.tolerance) else None)
 
 
-def _bench_onnxruntime(imported, model, x, expected, config, threads) -> Row:
+def _bench_onnxruntime(imported, model, x, expected, config, threads) -> tuple[Row, Callable[[], float] | None]:
     import onnxruntime as ort
 
     row = Row("onnxruntime", "host only" if config.rpc_tracker else "this CPU")
@@ -242,7 +274,7 @@ def _bench_onnxruntime(imported, model, x, expected, config, threads) -> Row:
         return session.run(None, {name: x})[0]
 
     row.note = f"CPUExecutionProvider, {threads} threads"
-    return measure(row, run, _loop_timer(run, config.warmup, config.repeat), expected, config.tolerance)
+    return row, (_one_run(run) if check_row(row, run, expected, config.tolerance) else None)
 
 
 def _ratios(rows: list[Row]) -> None:
