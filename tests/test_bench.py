@@ -120,7 +120,8 @@ def test_variants_are_timed_in_interleaved_rounds():
     order = []
     rows = [bench.Row(name, "this CPU") for name in ("a", "b", "c")]
     pending = [(row, lambda name=row.variant: order.append(name) or float(len(order))) for row in rows]
-    bench.time_interleaved(pending, warmup=1, repeat=3)
-    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    bench.time_interleaved(pending, warmup=1, repeat=3, settle=1)
+    twice = lambda names: [n for n in names for _ in range(2)]  # noqa: E731 - a settle run, then the sample
+    assert order == ["a", "b", "c"] + twice("abc") + twice("bca") + twice("cab")
     assert [len(r.samples_ms) for r in rows] == [3, 3, 3]
-    assert rows[0].samples_ms == [4.0, 9.0, 11.0] and rows[0].median_ms == 9.0
+    assert rows[0].samples_ms == [5.0, 15.0, 19.0] and rows[0].median_ms == 15.0

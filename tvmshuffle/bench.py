@@ -120,9 +120,14 @@ def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[
 Pending = tuple[Row, Callable[[], float]]
 
 
-def time_interleaved(pending: list[Pending], warmup: int, repeat: int) -> None:
-    """Time the variants in rounds, one run of each a round (the order rotating), so that a
-    slow spell of a shared machine hits every variant alike instead of the one it falls on."""
+def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle: int = 1) -> None:
+    """Time the variants in rounds, one sample of each a round (the order rotating), so that a
+    slow spell of a shared machine hits every variant alike instead of the one it falls on.
+
+    Each sample is taken after ``settle`` untimed runs of the same variant: the runtime run
+    just before (TVM's, PyTorch's and ONNX Runtime's thread pools all spin-wait a while after
+    a run) must not be what the sample measures.
+    """
     for _ in range(warmup):
         for _, sample in pending:
             sample()
@@ -130,6 +135,8 @@ def time_interleaved(pending: list[Pending], warmup: int, repeat: int) -> None:
     for round_ in range(repeat):
         for k in range(len(pending)):
             i = (round_ + k) % len(pending)
+            for _ in range(settle):
+                pending[i][1]()
             samples[i].append(pending[i][1]())
     for (row, _), taken in zip(pending, samples):
         set_samples(row, taken)
