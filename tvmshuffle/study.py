@@ -46,16 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import frontend, kernels, pipeline, targets, tuning
+from . import frontend, kernels, pipeline, schedules, targets, tuning
 from .errors import UserError
 from .runtime import check
 
 log = logging.getLogger(__name__)
 
-#: the fused operator's compute block (:data:`tvmshuffle.ops.shuffle_group_conv2d.CONV_NAME`)
-CONV_BLOCK = "shuffle_group_conv2d"
-#: the zero border stage of the operator (part of it, not an epilogue)
-PAD_BLOCK = "shuffle_pad"
+#: the fused operator's compute block and its zero border stage (part of it, not an epilogue)
+CONV_BLOCK, PAD_BLOCK = schedules.CONV_BLOCK, schedules.PAD_BLOCK
 SCHEDULES = ("default", "hand", "tuned")
 KINDS = ("pointwise", "depthwise", "other")
 #: ``<records root>/<target>/study``: where the study's tuning records live
@@ -413,37 +411,25 @@ def _analyse(func, n_outputs: int) -> dict | None:
     if len(reads) < 2 or len(_shape(reads[-1].source)) != 4:
         facts.update(kind="other", label=f"conv {out_c} {out_h}x{out_w}", bytes=_min_bytes(inputs, outputs))
         return facts
-    data_load, weight = reads[0], reads[-1].source
-    _, w_in, kh, kw = _shape(weight)
+    data_load = reads[0]
+    layer = schedules.describe(func)  # kind, kernel, stride, groups: as the hand schedules see it
+    kh, kw = layer.kernel
     activation = _activation_param(data_load, blocks[:index], inputs)
     c_total, height, width = (_shape(activation)[1:4] if activation is not None else (0, 0, 0))
-    channel = data_load.indices[1]
-    groups = [_int(m.b) for m in _walk(channel, "FloorMod") if _int(m.b)]
+    groups = [_int(m.b) for m in _walk(data_load.indices[1], "FloorMod") if _int(m.b)]
     ri = [int(iv.dom.extent) for iv in conv.iter_vars if iv.var.name in ("v_ri", "ri")]
     facts["shuffle_groups"] = groups[0] if groups else (ri[0] if ri else None)
-    out_var = conv.iter_vars[1].var if len(conv.iter_vars) > 1 else None
-    per_group = [_int(d.b) for d in _walk(channel, "FloorDiv")
-                 if out_var is not None and _int(d.b) and d.a.same_as(out_var)]
-    depthwise = w_in == 1 and (kh > 1 or kw > 1)
-    if depthwise:
-        conv_groups = out_c
-    else:
-        conv_groups = out_c // per_group[0] if per_group else 1
-    count = w_in * conv_groups  # channels the convolution reads
-    stride = 1
-    for mul in _walk(data_load.indices[2], "Mul"):
-        if _int(mul.b) and conv.iter_vars[2].var.same_as(mul.a):
-            stride = _int(mul.b)
+    conv_groups = layer.conv_groups
+    count = layer.group_in * conv_groups  # channels the convolution reads
+    stride = layer.stride[0]
     spatial = f"{height}x{width}" + (f">{out_h}x{out_w}" if (height, width) != (out_h, out_w) else "")
     read = f"{count}/{c_total}" if c_total and c_total != count else f"{count}"
-    if kh == 1 and kw == 1:
-        kind = "pointwise"
+    kind = layer.kind
+    if kind == "pointwise":
         label = f"pw {read}>{out_c}" + (f" grp{conv_groups}" if conv_groups > 1 else "") + f" {spatial}"
-    elif depthwise:
-        kind = "depthwise"
+    elif kind == "depthwise":
         label = f"dw{kh}x{kw} s{stride} {read}" + (f">{out_c}" if out_c != count else "") + f" {spatial}"
     else:
-        kind = "other"
         label = f"conv{kh}x{kw} s{stride} {read}>{out_c}" + (f" grp{conv_groups}" if conv_groups > 1 else "") \
             + f" {spatial}"
     if facts["shuffle_groups"]:
