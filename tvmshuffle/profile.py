@@ -114,11 +114,11 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
         fcompile = targets.export_function(preset)
         kernel_library(executable).export_library(str(only_kernels), **({"fcompile": fcompile} if fcompile else {}))
         session = remote.request_session(host, port, key)
-        vm, dev = remote._load_remote_vm(session, full, key)  # noqa: SLF001 - same package
+        vm, dev = remote.load_remote_vm(session, full, key)
         session.upload(str(only_kernels))
         rows = time_kernels(session.load_module(only_kernels.name), kernels_list, dev, number=number, repeat=repeat)
-    remote._run_stateful(vm, dev, imported.random_input())  # noqa: SLF001
-    total = float(np.median(remote._time_stateful(vm, dev, repeat, number)))  # noqa: SLF001
+    remote.run_stateful(vm, dev, imported.random_input())
+    total = float(np.median(remote.time_stateful(vm, dev, repeat, number)))
     where = key + (" (EMULATED under qemu on this host: not ARM timings)" if remote.is_emulated_key(key) else "")
     return Profile(imported.name, where, total, rows)
 

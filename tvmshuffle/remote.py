@@ -161,9 +161,9 @@ def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACK
     remote = request_session(host, port, key, session_timeout=timeout, connect_timeout=connect_timeout)
     log.info("session on %s via %s:%d (%.1f s)", key, host, port, time.perf_counter() - start)
     try:
-        vm, dev = _load_remote_vm(remote, lib_path, key)
-        output = _run_stateful(vm, dev, x)
-        times = _time_stateful(vm, dev, repeat, number) if repeat > 0 else []
+        vm, dev = load_remote_vm(remote, lib_path, key)
+        output = run_stateful(vm, dev, x)
+        times = time_stateful(vm, dev, repeat, number) if repeat > 0 else []
     finally:  # end the session now: the device serves one at a time (TVM ends it with the last reference)
         vm = dev = remote = None
         gc.collect()
@@ -171,7 +171,7 @@ def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACK
     return RemoteRunResult(output, times, key=key, tracker=f"{host}:{port}", emulated=emulated)
 
 
-def _load_remote_vm(remote, lib_path: Path, key: str):
+def load_remote_vm(remote, lib_path: Path, key: str):
     """Upload the library and open a Relax VM on the device's CPU."""
     from tvm import relax
 
@@ -185,7 +185,7 @@ def _load_remote_vm(remote, lib_path: Path, key: str):
                         "was it compiled for this device's target?") from err
 
 
-def _run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:
+def run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:
     """``main(x)`` through the stateful API: calling ``vm["main"]`` over RPC on a function
     returning a tuple gives an opaque ``RPCObjectRef``; ``get_outputs`` unpacks it."""
     import tvm
@@ -199,7 +199,7 @@ def _run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:
     return _first_tensor(vm.get_outputs("main")).numpy()
 
 
-def _time_stateful(vm, dev, repeat: int, number: int) -> list[float]:
+def time_stateful(vm, dev, repeat: int, number: int) -> list[float]:
     """Per-repeat mean latency (ms) measured on the device by the VM's time evaluator."""
     timer = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
     return [t * 1e3 for t in timer("main").results]
