@@ -16,12 +16,13 @@ and out of every layer) the schedule vectorises along an axis that is already co
   ``[O/lanes, K, lanes]`` by a block marked ``meta_schedule.layout_rewrite_preproc``, which the
   compiler splits off and folds into the (constant) weights at compile time
   (``SplitLayoutRewritePreproc`` + ``FoldConstant``), so it costs nothing at run time.
-* neither divides: the same with half-width vectors (SSE / 2-lane NEON).
+* a full vector divides neither: pixel vectors of fewer lanes that divide the plane (7-wide
+  for 49 and 196 pixels: 7 of 8 AVX2 lanes), else half-width vectors.
 
-The tile is the largest ``accumulators = mr * nr`` (resp. ``mv * np``) that divides the layer
-and leaves registers for the loaded operands: ``acc + loads + 1 <= registers`` — 16 ymm
-registers for AVX2 (8 floats), 32 q registers for NEON (4 floats), so NEON gets twice the
-accumulators at half the width. The reduction is the whole ``k`` range inside the tile (``K``
+The tile is the one doing the most useful lanes per reduction step (``accumulators x width``)
+among those that divide the layer, with at most ``registers - 2`` accumulators (the loaded
+operands stream through the other two) — 16 ymm registers for AVX2 (8 floats), 32 q registers
+for NEON (4 floats), so NEON gets twice the accumulators at half the width. The reduction is the whole ``k`` range inside the tile (``K``
 <= 1024 here: a tile's ``X`` panel of ``K x 8..16`` floats stays in L1/L2).
 
 The shuffle is in the index: the fused op's reduction is split ``k = rj * g + ri`` so the source
@@ -80,10 +81,9 @@ def _choose(layer, isa):
     if not options:
         return None
 
-    def score(t):  # useful lanes per k, then fewest operand loads, then no packing
+    def score(t):  # useful lanes per k, then fewest operand loads (a + b), then no packing
         form, width, a, b = t
-        loads = (b + a) if form == "pixel" else (a + b)
-        return (a * b * width, -loads, form == "pixel")
+        return (a * b * width, -(a + b), form == "pixel")
 
     return max(options, key=score)
 
@@ -118,21 +118,19 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         p_out, p_vec = sch.split(p_vecs, _factors(sch, p_vecs, cols, sample))
         sch.reorder(n, o_out, p_out, *red, o_in, p_vec, p_lane)
         tile_loops, lane = [o_in, p_vec], p_lane
-        outer = [n, o_out, p_out]
     else:
         o_blocks, o_lane = sch.split(o, [None, lanes])
         o_out, o_vec = sch.split(o_blocks, _factors(sch, o_blocks, rows, sample))
         p_out, p_in = sch.split(p, _factors(sch, p, cols, sample))
         sch.reorder(n, o_out, p_out, *red, p_in, o_vec, o_lane)
         tile_loops, lane = [p_in, o_vec], o_lane
-        outer = [n, o_out, p_out]
         # weight [O, K, 1, 1] -> [O/lanes, K, lanes], folded into the constant at compile time
         packed = sch.cache_read(conv, 1, "global")
         sch.transform_layout(packed, ("write", 0), lambda o, k, a, b: (o // lanes, k, o % lanes))
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", 1)
 
     if last is not None:
-        sch.reverse_compute_at(last, outer[-1], preserve_unit_loops=True)
+        sch.reverse_compute_at(last, p_out, preserve_unit_loops=True)
         *_, e_chan, e_pix = sch.get_loops(last)
         # read the accumulators the way the conv wrote them (else LLVM keeps them in memory)
         # and unrolled, so that every accumulator index is a constant
@@ -150,7 +148,9 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for loop in tile_loops:
         sch.unroll(loop)
     sch.vectorize(lane)
-    sch.parallel(sch.fuse(*outer[:2]) if form == "channel" else sch.fuse(*outer))
+    # channel form: each thread walks all pixels of its channel tiles (their packed weights
+    # stay in its cache); pixel form: channel and pixel tiles over the threads
+    sch.parallel(sch.fuse(n, o_out) if form == "channel" else sch.fuse(n, o_out, p_out))
     sch.decompose_reduction(conv, red[0])
 
 
