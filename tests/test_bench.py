@@ -116,12 +116,14 @@ def test_profile_kernels_sum_to_the_model(tmp_path):
 
 
 def test_variants_are_timed_in_interleaved_rounds():
-    """One run of each variant a round, the order rotating: drift hits every variant alike."""
+    """Rounds of consecutive runs, the order rotating, a settle run first: drift hits every
+    variant alike."""
     order = []
     rows = [bench.Row(name, "this CPU") for name in ("a", "b", "c")]
     pending = [(row, lambda name=row.variant: order.append(name) or float(len(order))) for row in rows]
-    bench.time_interleaved(pending, warmup=1, repeat=3, settle=1)
-    twice = lambda names: [n for n in names for _ in range(2)]  # noqa: E731 - a settle run, then the sample
-    assert order == ["a", "b", "c"] + twice("abc") + twice("bca") + twice("cab")
-    assert [len(r.samples_ms) for r in rows] == [3, 3, 3]
-    assert rows[0].samples_ms == [5.0, 15.0, 19.0] and rows[0].median_ms == 15.0
+    bench.time_interleaved(pending, warmup=1, repeat=5, settle=1, rounds=2)
+    assert order == (["a", "b", "c"]  # warm-up
+                     + ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # round 1: settle + 3 samples each
+                     + ["b"] * 3 + ["c"] * 3 + ["a"] * 3)  # round 2: settle + 2
+    assert [len(r.samples_ms) for r in rows] == [5, 5, 5]
+    assert rows[0].samples_ms == [5.0, 6.0, 7.0, 23.0, 24.0] and rows[0].median_ms == 7.0

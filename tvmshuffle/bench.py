@@ -2,9 +2,8 @@
 
 Every variant runs on the same input with the same thread count. Each one's output is first
 checked against PyTorch (max error ≤ ``tolerance`` × the output scale); a variant that
-disagrees is reported as wrong and not timed. Then warm-up runs, then ``repeat`` rounds in which
-every variant runs once (the order rotating: a slow spell of a shared machine hits all variants
-alike): median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
+disagrees is reported as wrong and not timed. Then warm-up runs, then the ``repeat`` timed runs
+of every variant, in a row (``--rounds N``: in N rounds, the order rotating): median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
 the TVM variants run on the device (emulated devices labelled so); PyTorch and ONNX Runtime
 rows say "host only".
 """
@@ -43,6 +42,11 @@ class BenchConfig:
     threads: int | None = None  # None: all cores
     repeat: int = 30
     warmup: int = 5
+    #: 1: each variant's runs in a row; N > 1: in N rounds, the variants' order rotating (a
+    #: drift of a shared machine then hits all alike, but on few cores the runtimes' spinning
+    #: thread pools slow whichever runs next: ONNX Runtime measured 2.8 ms alone, 3.5-8.7 ms
+    #: interleaved with TVM here)
+    rounds: int = 1
     tolerance: float = 1e-4
     input_shape: tuple[int, ...] | None = None
     weights: str | None = None
@@ -120,24 +124,28 @@ def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[
 Pending = tuple[Row, Callable[[], float]]
 
 
-def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle: int = 1) -> None:
-    """Time the variants in rounds, one sample of each a round (the order rotating), so that a
-    slow spell of a shared machine hits every variant alike instead of the one it falls on.
+def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle: int = 1,
+                     rounds: int = 1) -> None:
+    """Time the variants in ``rounds`` rounds of consecutive samples each (the order rotating),
+    so that a slow spell of a shared machine hits every variant alike instead of the one it
+    falls on, while each runtime runs long enough in a row to be itself.
 
-    Each sample is taken after ``settle`` untimed runs of the same variant: the runtime run
-    just before (TVM's, PyTorch's and ONNX Runtime's thread pools all spin-wait a while after
-    a run) must not be what the sample measures.
+    Each round of a variant starts with ``settle`` untimed runs: the runtime that ran just
+    before (TVM's, PyTorch's and ONNX Runtime's thread pools all spin or sleep in their own
+    way after a run) must not be what the samples measure.
     """
     for _ in range(warmup):
         for _, sample in pending:
             sample()
+    rounds = max(1, min(rounds, repeat))
     samples: list[list[float]] = [[] for _ in pending]
-    for round_ in range(repeat):
+    for round_ in range(rounds):
+        take = repeat // rounds + (1 if round_ < repeat % rounds else 0)
         for k in range(len(pending)):
             i = (round_ + k) % len(pending)
             for _ in range(settle):
                 pending[i][1]()
-            samples[i].append(pending[i][1]())
+            samples[i].extend(pending[i][1]() for _ in range(take))
     for (row, _), taken in zip(pending, samples):
         set_samples(row, taken)
 
@@ -155,6 +163,8 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
     """Measure every variant of ``model``; see the module docstring."""
     if config.repeat < 1 or config.warmup < 0:
         raise UserError("--repeat must be >= 1 (and warm-up >= 0)")
+    if config.rounds < 1:
+        raise UserError("--rounds must be >= 1")
     if bool(config.rpc_tracker) != bool(config.rpc_key):
         raise UserError("--rpc-tracker and --rpc-key go together")
     preset = targets.resolve(config.target)
@@ -182,8 +192,8 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
             add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, hand))
     add(*_bench_pytorch(imported, x, expected, config))
     add(*_bench_onnxruntime(imported, model, x, expected, config, threads))
-    log.info("timing %d variants in %d interleaved rounds", len(pending), config.repeat)
-    time_interleaved(pending, config.warmup, config.repeat)
+    log.info("timing %d variants, %d runs each in interleaved rounds", len(pending), config.repeat)
+    time_interleaved(pending, config.warmup, config.repeat, rounds=config.rounds)
     _ratios(rows)
     return BenchReport(imported.name, preset.name, targets.host_cpu_name(), threads, config.repeat,
                        list(imported.input_shape), rows)

@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
     config = bench.BenchConfig(
         target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
-        weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+        weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rounds=args.rounds,
     )
     report = bench.bench(args.model, config)
     print(bench.markdown(report))
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "root like tuning_logs/ (default: the shipped records)")
     p.add_argument("--threads", type=int, help="threads for TVM, PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="take each variant's runs in N rounds, the variants' order rotating (default 1: in a row)")
     p.add_argument("--rpc-tracker", help="HOST:PORT: run the TVM variants on the device there")
     p.add_argument("--rpc-key", help="device key at the tracker")
     p.add_argument("--json", help="write the report as JSON here")
