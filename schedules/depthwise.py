@@ -32,6 +32,8 @@ the shuffle is a per-channel choice of plane, so it costs nothing once the plane
 
 from __future__ import annotations
 
+from tvmshuffle.schedules import split_factors
+
 NAME = "depthwise"
 
 
@@ -60,7 +62,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     last = epilogue[-1] if epilogue else None
 
     n, o, y, x, *red = sch.get_loops(conv)
-    y_out, y_in = sch.split(y, _factors(sch, y, rows, sample))
+    y_out, y_in = sch.split(y, split_factors(sch, y, rows, sample))
     x_out, x_in = sch.split(x, [None, chunk])
     sch.reorder(n, o, y_out, x_out, *red, y_in, x_in)
     channel = sch.fuse(n, o)
@@ -79,11 +81,3 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     sch.parallel(channel)
     sch.decompose_reduction(conv, red[0])
 
-
-def _factors(sch, loop, inner: int, sample: bool):
-    """``[None, inner]``, or (tuning) a sampled perfect tile with ``inner`` as its first guess."""
-    if not sample:
-        return [None, inner]
-    extent = int(sch.get(loop).extent)
-    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
-                                   decision=[extent // inner, inner])

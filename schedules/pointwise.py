@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from tvm.tirx import IndexMap
 
+from tvmshuffle.schedules import split_factors
+
 NAME = "pointwise"
 _CANDIDATE_TILES = range(1, 33)
 
@@ -113,15 +115,15 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
 
     n, o, p, *red = sch.get_loops(conv)
     if form == "pixel":
-        o_out, o_in = sch.split(o, _factors(sch, o, rows, sample))
+        o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
         p_vecs, p_lane = sch.split(p, [None, lanes])
-        p_out, p_vec = sch.split(p_vecs, _factors(sch, p_vecs, cols, sample))
+        p_out, p_vec = sch.split(p_vecs, split_factors(sch, p_vecs, cols, sample))
         sch.reorder(n, o_out, p_out, *red, o_in, p_vec, p_lane)
         tile_loops, lane = [o_in, p_vec], p_lane
     else:
         o_blocks, o_lane = sch.split(o, [None, lanes])
-        o_out, o_vec = sch.split(o_blocks, _factors(sch, o_blocks, rows, sample))
-        p_out, p_in = sch.split(p, _factors(sch, p, cols, sample))
+        o_out, o_vec = sch.split(o_blocks, split_factors(sch, o_blocks, rows, sample))
+        p_out, p_in = sch.split(p, split_factors(sch, p, cols, sample))
         sch.reorder(n, o_out, p_out, *red, p_in, o_vec, o_lane)
         tile_loops, lane = [p_in, o_vec], o_lane
         # weight [O, K, 1, 1] -> [O/lanes, K, lanes], folded into the constant at compile time
@@ -153,11 +155,3 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     sch.parallel(sch.fuse(n, o_out) if form == "channel" else sch.fuse(n, o_out, p_out))
     sch.decompose_reduction(conv, red[0])
 
-
-def _factors(sch, loop, inner: int, sample: bool):
-    """``[None, inner]``, or (tuning) a sampled perfect tile with ``inner`` as its first guess."""
-    if not sample:
-        return [None, inner]
-    extent = int(sch.get(loop).extent)
-    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
-                                   decision=[extent // inner, inner])

@@ -16,7 +16,7 @@ plain files; this module is the registry that loads them and the glue to the com
 A schedule file defines ``NAME``, ``matches(layer, isa) -> bool`` and
 ``apply(sch, layer, isa, sample=False)``; with ``sample=True`` it draws its tile sizes with
 ``sch.sample_perfect_tile`` (the hand choice as the initial decision) instead of fixing them,
-which is what makes it a design space.
+which is what makes it a design space (:func:`split_factors` gives either).
 """
 
 from __future__ import annotations
@@ -161,6 +161,16 @@ def describe(func) -> ConvLayer | None:
         out_per_group=out_per_group,
         epilogue=names[names.index(CONV_BLOCK) + 1:],
     )
+
+
+def split_factors(sch, loop, inner: int, sample: bool):
+    """Split factors for a schedule file: ``[None, inner]``, or (``sample``: the schedule is a
+    MetaSchedule design space) a sampled perfect tile with ``inner`` as its first decision."""
+    if not sample:
+        return [None, inner]
+    extent = int(sch.get(loop).extent)
+    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
+                                   decision=[extent // inner, inner])
 
 
 # --------------------------------------------------------------------------- schedule files
