@@ -941,17 +941,16 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
 
     records_dir = Path(config.records_dir)
     seeds = schedules.load(config.seed_schedules) if config.seed_schedules is not None else []
-
-    def space(task):  # the hand schedules join the design space of the kernels they fit
-        if not seeds or schedules.schedule_for(task.dispatched[0]["main"], preset, seeds) is None:
-            return "post-order-apply"
-        return schedules.space_generator(preset, config.seed_schedules)
+    # the tasks a hand schedule fits: it joins their design space and is measured first
+    seeded = [i for i, t in enumerate(extracted)
+              if seeds and schedules.schedule_for(t.dispatched[0]["main"], preset, seeds) is not None]
 
     contexts = [
         ms.TuneContext(
             mod=t.dispatched[0],
             target=t.target,
-            space_generator=space(t),
+            space_generator=(schedules.space_generator(preset, config.seed_schedules) if i in seeded
+                             else "post-order-apply"),
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=config.search_population,
                 init_min_unmeasured=min(50, config.search_population),
@@ -961,9 +960,8 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
             rand_state=rs,
             num_threads="physical",
         ).clone()
-        for t, lg, rs in zip(extracted, loggers, fork_seed(config.seed, n=len(extracted)))
+        for i, (t, lg, rs) in enumerate(zip(extracted, loggers, fork_seed(config.seed, n=len(extracted))))
     ]
-    seeded = [i for i, t in enumerate(extracted) if space(t) != "post-order-apply"]
     weights = [float(t.weight) for t in extracted]
     stats = [TaskStat(t.task_name, w, n, best)
              for t, w, (n, best) in zip(extracted, weights, _existing(database, contexts))]
