@@ -97,6 +97,7 @@ def test_hand_schedule_matches_the_reference_op_and_the_default_build(name):
     assert schedules.schedule_primfunc(func, HOST) is not None, f"no hand schedule fits {layer}"
 
     hand, _, n_hand = pipeline.build(mod, HOST, schedule_source="hand")
+    assert schedules.describe(_fused_funcs(mod)[0]) is not None  # the caller's module is untouched
     default, _, n_default = pipeline.build(mod, HOST)
     assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")

@@ -269,7 +269,7 @@ def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
         if scheduled is not None:
             updates[gv] = scheduled
     if updates:
-        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        mod = mod.clone()  # item assignment would change the caller's module in place
         for gv, func in updates.items():
             mod[gv] = func
     log.info("hand schedules (%s): %d kernels", source, len(updates))
