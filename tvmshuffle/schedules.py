@@ -1,8 +1,9 @@
 """Hand schedules for the fused ``shuffle_group_conv2d`` kernels: find, describe, apply.
 
-The schedules themselves live in the repository's top-level ``schedules/`` directory, one
-file per kind of layer (``pointwise.py``, ``depthwise.py``), so that a user studying them edits
-plain files; this module is the registry that loads them and the glue to the compiler:
+The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
+with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
+``depthwise.py``), so that a user studying them edits plain files; this module is the registry
+that loads them and the glue to the compiler:
 
 * :func:`describe` reads a fused PrimFunc (conv block ``shuffle_group_conv2d``, maybe a
   ``shuffle_pad`` stage before it, epilogue blocks after it) into a :class:`ConvLayer`;
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from . import targets
+from . import _shipped, targets
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,10 @@ def split_factors(sch, loop, inner: int, sample: bool):
 
 
 def shipped_dir() -> Path:
-    """The repository's ``schedules/`` (``$TVMSHUFFLE_SCHEDULES`` overrides it)."""
+    """The shipped ``schedules/`` (:func:`tvmshuffle._shipped.path`; ``$TVMSHUFFLE_SCHEDULES``
+    overrides it)."""
     env = os.environ.get("TVMSHUFFLE_SCHEDULES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "schedules"
+    return Path(env) if env else _shipped.path("schedules")
 
 
 def _directory(source: str | os.PathLike) -> Path:

@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import targets
+from . import _shipped, targets
 from .errors import UserError
 from .remote import parse_tracker, tracker_summary
 
@@ -147,13 +147,12 @@ class TuneResult:
 
 
 def default_root() -> Path:
-    """Where records live: ``$TVMSHUFFLE_TUNING_LOGS``, else the repository's ``tuning_logs/``
-    (the shipped records) when tvmshuffle runs from a checkout, else ``./tuning_logs``."""
+    """Where records live: ``$TVMSHUFFLE_TUNING_LOGS``, else the shipped ``tuning_logs/``
+    (:func:`tvmshuffle._shipped.path`: the repository's own directory in an editable install)."""
     env = os.environ.get("TVMSHUFFLE_TUNING_LOGS")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parent.parent / "tuning_logs"
-    return repo if repo.is_dir() else Path("tuning_logs")
+    return _shipped.path("tuning_logs")
 
 
 def records_key(model_name: str, fused: bool = True, input_shape=None) -> str:
