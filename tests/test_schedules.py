@@ -124,6 +124,27 @@ def test_isa_choice_per_target():
     assert schedules.isa_for(AARCH64).name == "neon" and schedules.isa_for(AARCH64).lanes == 4
 
 
+@pytest.mark.parametrize("machine, isa", [("aarch64", "neon"), ("arm64", "neon"), ("x86_64", "avx2"),
+                                          ("AMD64", "avx2")])
+def test_host_isa_is_this_machines(monkeypatch, machine, isa):
+    """``host`` has no mtriple: its ISA is the machine's (an ARM host got AVX2 before)."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert schedules.isa_for(HOST).name == isa
+    assert schedules.isa_for(AARCH64).name == "neon"  # an mtriple still decides
+    x86 = targets.resolve('{"kind":"llvm","mtriple":"x86_64-linux-gnu"}')
+    assert schedules.isa_for(x86).name == "avx2"
+
+
+def test_host_isa_unknown_machine(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    with pytest.raises(UserError, match="riscv64"):
+        schedules.isa_for(HOST)
+
+
 def test_the_tile_follows_the_isa():
     """NEON has twice the registers at half the width: the pointwise tile differs."""
     mod, _ = _lowered(*LAYERS["pw_v2_half_28"])

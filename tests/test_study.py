@@ -177,6 +177,18 @@ def test_cpu_peak_spells_out_the_product():
     assert unknown.gflops is None and "unknown" in unknown.how
 
 
+def test_cpu_peak_of_an_arm_host_counts_neon(monkeypatch):
+    """The host preset has no mtriple: on an AArch64 machine the peak counts 4 NEON lanes, not AVX2's 8."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(study, "host_clock_ghz", lambda: (2.0, "test clock"))
+    monkeypatch.setattr(study, "_cpu_flags", lambda: set())
+    peak = study.cpu_peak(targets.resolve("host"), threads=2)
+    assert peak.gflops == pytest.approx(2 * 4 * 2 * 2 * 2.0)
+    assert "4 fp32 lanes (neon)" in peak.how
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_writes_the_three_files(tmp_path):

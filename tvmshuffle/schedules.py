@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -62,12 +63,17 @@ ISAS = {
 
 
 def isa_for(preset: targets.TargetPreset) -> Isa:
-    """The ISA the hand schedules use for ``preset``: NEON on AArch64, AVX2 on x86-64."""
-    triple = str(preset.target.get("mtriple", ""))
+    """The ISA the hand schedules use for ``preset``: NEON on AArch64, AVX2 on x86-64.
+
+    A target without ``mtriple`` (``host``) generates code for this machine: its ISA is this
+    machine's (``platform.machine()``).
+    """
+    triple = str(preset.target.get("mtriple", "")) or platform.machine().lower()
     if triple.startswith(("aarch64", "arm64")):
         return ISAS["neon"]
-    if triple and not triple.startswith(("x86_64", "i686")):
-        raise UserError(f"--target {preset.name}: no hand schedules for {triple} (AVX2 and NEON only)")
+    if not triple.startswith(("x86_64", "amd64", "i686")):
+        raise UserError(f"--target {preset.name}: no hand schedules for {triple or 'this machine'} "
+                        "(AVX2 and NEON only)")
     return ISAS["avx2"]
 
 
