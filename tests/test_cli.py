@@ -112,6 +112,54 @@ def test_bad_input_shape(tmp_path, shape):
     assert_one_line_error(cli("compile", SMALL, "--input-shape", shape, "-o", tmp_path / "x.so"), "--input-shape")
 
 
+@pytest.mark.parametrize("command", ["compile", "models"])
+def test_zoo_models_take_3_channels(tmp_path, command):
+    args = [SMALL, "-o", tmp_path / "x.so"] if command == "compile" else []
+    assert_one_line_error(cli(command, *args, "--input-shape", "1,4,32,32"), "--input-shape", "3 input channels", "C=4")
+
+
+def _four_channel_model():
+    import torch
+
+    class FourChannels(torch.nn.Module):  # not a ShuffleNet: e.g. RGB + depth
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return FourChannels().eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_own_model_with_4_input_channels(tmp_path, suffix):
+    """--input-shape's C is the model's business for a user's file (C=3 was enforced for all)."""
+    import torch
+
+    module = _four_channel_model()
+    x = np.random.default_rng(2).standard_normal((1, 4, 32, 32)).astype("float32")
+    path = tmp_path / f"rgbd{suffix}"
+    if suffix == ".pt2":
+        torch.export.save(torch.export.export(module, (torch.from_numpy(x),)), path)
+    else:
+        torch.onnx.export(module, (torch.from_numpy(x),), path, dynamo=False, opset_version=17)
+    lib = tmp_path / "m.so"
+    proc = cli("compile", path, "--input-shape", "1,4,32,32", "-o", lib)
+    assert proc.returncode == 0, proc.stderr
+    np.save(tmp_path / "x.npy", x)
+    proc = cli("run", lib, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout  # run checks against PyTorch / ONNX Runtime itself
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_unsupported_op(tmp_path):
     import torch
 

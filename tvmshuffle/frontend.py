@@ -44,7 +44,11 @@ class ImportedModel:
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
-    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``; errors name ``--input-shape``."""
+    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``; errors name ``--input-shape``.
+
+    Any C: a ``.pt2`` or ``.onnx`` file may take other than 3 channels; :func:`load` checks
+    zoo models' (:func:`tvmshuffle.models.zoo.check_input_shape`).
+    """
     if text is None:
         return None
     try:
@@ -53,8 +57,6 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
         raise UserError(f"--input-shape: expected N,C,H,W integers, got {text!r}") from None
     if len(shape) != 4 or any(v <= 0 for v in shape):
         raise UserError(f"--input-shape: expected four positive integers N,C,H,W, got {text!r}")
-    if shape[1] != 3:
-        raise UserError(f"--input-shape: ShuffleNets take 3 input channels, got C={shape[1]} in {text!r}")
     return shape
 
 
@@ -72,8 +74,9 @@ def load(model: str, input_shape: tuple[int, ...] | None = None, weights: str | 
         raise UserError(f"{model}: not a model file tvmshuffle reads (expected .pt2 or .onnx) nor a zoo name")
     from .models import zoo
 
-    module = zoo.get_model(model, weights=weights)
     shape = input_shape or DEFAULT_INPUT_SHAPE
+    zoo.check_input_shape(shape)
+    module = zoo.get_model(model, weights=weights)
     return _from_torch(model, module, shape, "zoo")
 
 

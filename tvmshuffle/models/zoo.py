@@ -33,6 +33,8 @@ from .shufflenet_v2 import WIDTHS as V2_WIDTHS
 from .shufflenet_v2 import ShuffleNetV2
 
 SEED = 0
+#: every zoo model takes RGB images: N, 3, H, W
+IN_CHANNELS = 3
 #: the random batch that calibrates batch-norm statistics of a randomly initialised model
 CALIBRATION_SHAPE = (4, 3, 64, 64)
 
@@ -146,6 +148,13 @@ def get_model(name: str, weights: str | None = None) -> nn.Module:
     return model.eval()
 
 
+def check_input_shape(input_shape: tuple[int, ...]) -> None:
+    """Zoo models take RGB images: an ``--input-shape`` with another C is a :class:`UserError`."""
+    if input_shape[1] != IN_CHANNELS:
+        raise UserError(f"--input-shape {','.join(map(str, input_shape))}: ShuffleNets take "
+                        f"{IN_CHANNELS} input channels, got C={input_shape[1]}")
+
+
 def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> int:
     """Multiply-accumulates of all Conv2d and Linear layers for one forward pass of ``input_shape``.
 
@@ -200,6 +209,7 @@ def model_table(input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> list[dict]:
 
     Models are built on the ``meta`` device, so this takes well under a second per model.
     """
+    check_input_shape(input_shape)
     rows = []
     for spec in MODELS.values():
         with torch.device("meta"):
