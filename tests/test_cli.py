@@ -160,6 +160,22 @@ def test_own_model_with_4_input_channels(tmp_path, suffix):
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("command, args, flag", [
+    ("compile", [SMALL, "-o", "{out}/m.so"], "-o"),
+    ("run", ["{tmp}/m.so", "--input", "{tmp}/x.npy", "--output", "{out}/y.npy"], "--output"),
+    ("bench", [SMALL, "--json", "{out}/b.json"], "--json"),
+    ("bench", [SMALL, "--plot", "{out}/b.png"], "--plot"),
+    ("study", ["--model", SMALL, "-o", "{out}/study"], "-o"),
+])
+def test_output_below_a_regular_file(tmp_path, command, args, flag):
+    """An output path below a regular file: one line naming the flag, before the slow part
+    (it was a NotADirectoryError traceback after it)."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "sub"
+    proc = cli(command, *(a.format(out=out, tmp=tmp_path) for a in args))
+    assert_one_line_error(proc, f"{flag} {out}", f"{tmp_path / 'file'} is not a directory")
+
+
 def test_unsupported_op(tmp_path):
     import torch
 

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, writable_output
 
 log = logging.getLogger("tvmshuffle")
 
@@ -74,6 +74,8 @@ def cmd_run(args) -> int:
 
     if args.repeat < 0 or args.number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
+    if args.output:
+        writable_output(args.output, "--output")  # before running, not after
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise UserError("--rpc-tracker and --rpc-key go together")
     x = runtime.load_input(args.input)
@@ -140,6 +142,9 @@ def cmd_bench(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            writable_output(path, flag)  # before the bench, not after
     config = bench.BenchConfig(
         target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
@@ -148,7 +153,6 @@ def cmd_bench(args) -> int:
     report = bench.bench(args.model, config)
     print(bench.markdown(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
         print(f"wrote {args.json}")
     if args.plot:
@@ -247,6 +251,8 @@ def cmd_study(args) -> int:
     from . import study
     from .frontend import parse_input_shape
 
+    if args.output_dir:
+        writable_output(args.output_dir, "-o", directory=True)  # before the study, not after
     config = study.StudyConfig(
         target=args.target, models=args.model, input_shape=parse_input_shape(args.input_shape) or (1, 3, 224, 224),
         tuning_records=Path(args.tuning_records) if args.tuning_records else None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import frontend, targets
-from .errors import UserError
+from .errors import UserError, writable_output
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
     output = Path(output)
     if output.suffix != ".so":
         raise UserError(f"-o {output}: the library must end in .so")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    writable_output(output, "-o")
     fcompile = targets.export_function(preset)
     if fcompile is None:
         executable.export_library(str(output))
@@ -211,6 +211,7 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     """import → fuse → build → export, as ``tvmshuffle compile`` does."""
     if Path(output).suffix != ".so":
         raise UserError(f"-o {output}: the library must end in .so")
+    writable_output(output, "-o")  # and if it cannot be written (e.g. below a regular file)
     preset = targets.resolve(config.target, config.cross_compiler)
     targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
     if config.tuning_records is not None:

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from . import frontend, kernels, pipeline, schedules, targets, tuning
-from .errors import UserError
+from .errors import UserError, writable_output
 from .runtime import check
 
 log = logging.getLogger(__name__)
@@ -1224,8 +1224,7 @@ def write_outputs(report: StudyReport, output_dir: Path) -> dict[str, Path]:
     """``study.md``, ``study.json`` and ``roofline.png`` in ``output_dir``."""
     import json
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_output(output_dir, "-o", directory=True)
     md = output_dir / "study.md"
     md.write_text(markdown(report) + "\n")
     js = output_dir / "study.json"
