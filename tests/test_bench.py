@@ -68,6 +68,23 @@ def test_missing_records_are_said_not_hidden(tmp_path):
     assert rows["tvm-untuned-fused"].correct and rows["tvm-untuned-fused"].median_ms > 0
 
 
+def test_tuned_note_names_records_relative(tmp_path, monkeypatch):
+    """Reports (the README's tables) carried the absolute path of the machine they were made on."""
+    from pathlib import Path
+
+    from tvmshuffle import _shipped
+
+    records = tmp_path / "tuning_logs" / "host" / "m"
+    records.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert bench.tuned_note(28, records) == f"28 kernels tuned ({Path('tuning_logs/host/m')})"
+    monkeypatch.chdir(records)
+    assert bench.tuned_note(28, records) == "28 kernels tuned (.)"
+    shipped = _shipped.path("tuning_logs") / "host" / "shufflenet_v1_g3_x1_0"  # seen from elsewhere
+    assert bench.tuned_note(3, shipped) == f"3 kernels tuned ({Path('tuning_logs/host/shufflenet_v1_g3_x1_0')})"
+    assert bench.tuned_note(3, Path("/elsewhere/r")) == "3 kernels tuned (/elsewhere/r)"
+
+
 def test_wrong_output_is_reported_not_timed():
     """A real TVM build checked against another model's PyTorch output: wrong, and never timed."""
     import tvm

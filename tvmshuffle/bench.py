@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import frontend, pipeline, targets, tuning
+from ._shipped import display
 from .errors import UserError
 from . import runtime
 from .runtime import check
@@ -208,6 +209,12 @@ def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     return tuning.records_dir_for(preset.name, tuning.records_key(imported.name, fused, imported.input_shape), root)
 
 
+def tuned_note(tuned_kernels: int, records: Path) -> str:
+    """A tuned row's note: kernels the records scheduled, and the records by a path relative to
+    the current directory (``tuning_logs/…`` for the shipped ones: :func:`tvmshuffle._shipped.display`)."""
+    return f"{tuned_kernels} kernels tuned ({display(records)})"
+
+
 def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
                hand=False) -> tuple[Row, Callable[[], float] | None]:
     """The variant's row (with a note when it cannot run) and, if it is right, one timed run
@@ -220,7 +227,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     if tuned:
         records = _records_for(root, preset, imported, fused)
         if not records.exists():
-            row.note = f"no tuning records in {records} (tvmshuffle tune … --target {preset.name})"
+            row.note = f"no tuning records in {display(records)} (tvmshuffle tune … --target {preset.name})"
             return row, None
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
@@ -230,7 +237,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
         row.note = str(err)
         return row, None
     if tuned:
-        row.note = f"{tuned_kernels} kernels tuned ({records})"
+        row.note = tuned_note(tuned_kernels, records)
     if hand:
         row.note += f", {hand_kernels} with hand schedules"
     if remote_run:

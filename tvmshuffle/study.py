@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from . import frontend, kernels, pipeline, schedules, targets, tuning
+from ._shipped import display
 from .errors import UserError, writable_output
 from .runtime import check
 
@@ -1048,9 +1049,9 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
                 hand = _hand(layer.func, preset)
                 if i in tuned:
                     func, source = tuned[i]
-                    tuned_variant = (func, f"records: {source}", "missing")
+                    tuned_variant = (func, f"records: {display(source)}", "missing")
                 else:
-                    searched = ", ".join(str(d) for d in [study_dir, *others])
+                    searched = ", ".join(display(d) for d in [study_dir, *others])
                     tuned_variant = (None, f"no tuning records for this layer (looked in {searched}; "
                                            f"tvmshuffle study --trials-per-layer N tunes it)", "missing")
                 variants = {"default": (layer.func, "as lowered", "missing"), "hand": hand, "tuned": tuned_variant}
@@ -1071,7 +1072,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
     models = list(dict.fromkeys(m for l in layers for m in l.models))
     return StudyReport(rows=rows, peak=peak, bandwidth=bandwidth, where=where, target=preset.name,
                        input_shape=list(config.input_shape), number=config.number, repeat=config.repeat,
-                       threads=threads, records_dir=str(study_dir), models=models,
+                       threads=threads, records_dir=display(study_dir), models=models,
                        emulated=runner.emulated)
 
 
