@@ -250,3 +250,41 @@ def test_compile_refuses_records_of_another_target(tmp_path):
     (records / "database_tuning_record.json").write_text("")
     proc = cli("compile", SMALL, "--input-shape", "1,3,64,64", "--tuning-records", records, "-o", tmp_path / "m.so")
     assert_one_line_error(proc, "aarch64")
+
+
+# --------------------------------------------------------------------------- tvmc habits: --fill-mode, --print-top,
+# --dump-code, tune's measurement flags
+
+
+@pytest.fixture(scope="module")
+def small_lib(tmp_path_factory):
+    """(library, compile's stdout): SMALL at 64x64 for the host, with every --dump-code kind."""
+    lib = tmp_path_factory.mktemp("small") / "m.so"
+    proc = cli("compile", SMALL, "--input-shape", "1,3,64,64", "-o", lib, "--dump-code", "asm,tir",
+               "--dump-code", "relax")
+    assert proc.returncode == 0, proc.stderr
+    return lib, proc.stdout
+
+
+@pytest.mark.slow
+def test_compile_dump_code_host(small_lib):
+    import re
+
+    lib, stdout = small_lib
+    for kind, suffix in (("asm", ".s"), ("tir", ".tir.py"), ("relax", ".relax.py")):
+        path = lib.parent / (lib.name + suffix)
+        assert path.is_file() and path.stat().st_size > 0, path
+        assert f"{kind}: {path}" in stdout
+    asm = (lib.parent / "m.so.s").read_text()
+    # x86 vector code: FMA or AVX registers (the host target names this CPU)
+    assert re.search(r"\bvfmadd\w*\s|%[yz]mm\d+", asm), "no AVX code in the host assembly"
+    tir = (lib.parent / "m.so.tir.py").read_text()
+    assert "@T.prim_func" in tir and "shuffle_group_conv2d" in tir
+    relax = (lib.parent / "m.so.relax.py").read_text()
+    assert "@R.function" in relax and "R.call_tir" in relax and "@T.prim_func" not in relax
+
+
+@pytest.mark.parametrize("value", ["ir", "asm,", "asm,llvm"])
+def test_compile_bad_dump_code(tmp_path, value):
+    assert_one_line_error(cli("compile", SMALL, "-o", tmp_path / "x.so", "--dump-code", value), "--dump-code")
+    assert not (tmp_path / "x.so").exists()

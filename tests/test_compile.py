@@ -1,8 +1,10 @@
 """import → lower → build → export, checked against PyTorch, for every zoo model and target kind."""
 
+import re
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +115,14 @@ ET_DYN, EM_AARCH64, EM_X86_64 = 3, 183, 62
 
 @pytest.mark.parametrize("target", ["aarch64", "rpi4", '{"kind":"llvm","mtriple":"aarch64-linux-gnu","mattr":["+neon"]}'])
 def test_aarch64_library(tmp_path, target):
-    result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(target=target, input_shape=SHAPE))
+    result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(
+        target=target, input_shape=SHAPE, dump_code=("asm",)))
     assert _elf_machine_and_type(result.output) == (EM_AARCH64, ET_DYN)
+    # --dump-code asm: the user sees NEON was emitted (fused multiply-add on v registers)
+    assert result.dumps == {"asm": tmp_path / "m.so.s"}
+    asm = result.dumps["asm"].read_text()
+    assert re.search(r"\bfmla\s+v\d+\.[24]s, v\d+\.[24]s, v\d+\.", asm), "no NEON fmla in the aarch64 assembly"
+    assert "%xmm" not in asm and "%ymm" not in asm
     nm = shutil.which("aarch64-linux-gnu-nm")
     assert nm, "binutils-aarch64-linux-gnu comes with g++-aarch64-linux-gnu"
     symbols = subprocess.run([nm, "-D", "--defined-only", result.output], capture_output=True, text=True,
@@ -136,3 +144,15 @@ def test_run_rejects_wrong_input_shape(tmp_path):
     vm = runtime.load_library(result.output)
     with pytest.raises(UserError, match="--input"):
         runtime.run(vm, np.zeros((1, 3, 32, 32), "float32"))
+
+
+def test_parse_dump_code():
+    assert pipeline.parse_dump_code(["asm,tir", "relax", "asm"]) == ("asm", "tir", "relax")
+    assert pipeline.parse_dump_code("TIR") == ("tir",)
+    assert pipeline.parse_dump_code(()) == ()
+    assert pipeline.dump_paths(Path("out/m.so"), ["relax", "asm"]) == {
+        "relax": Path("out/m.so.relax.py"), "asm": Path("out/m.so.s")}
+    from tvmshuffle.errors import UserError
+
+    with pytest.raises(UserError, match="--dump-code asm,ll: 'll' is not one of asm, tir, relax"):
+        pipeline.parse_dump_code(["asm,ll"])

@@ -44,7 +44,7 @@ def cmd_models(args) -> int:
 
 def cmd_compile(args) -> int:
     from .frontend import parse_input_shape
-    from .pipeline import CompileConfig, compile_model
+    from .pipeline import CompileConfig, compile_model, parse_dump_code
 
     config = CompileConfig(
         target=args.target,
@@ -54,6 +54,7 @@ def cmd_compile(args) -> int:
         input_shape=parse_input_shape(args.input_shape),
         weights=args.weights,
         schedules=args.schedules,
+        dump_code=parse_dump_code(args.dump_code or ()),
     )
     result = compile_model(args.model, Path(args.output), config)
     tuned = f", {result.tuned_kernels} with tuned schedules" if config.tuning_records else ""
@@ -64,6 +65,8 @@ def cmd_compile(args) -> int:
         f"({result.kernels} kernels{tuned}, {'fused' if config.fuse else 'unfused'}, "
         f"input {'x'.join(map(str, result.model.input_shape))}) in {result.seconds:.1f} s"
     )
+    for kind, path in result.dumps.items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", help="MetaSchedule records dir (tuning_logs/<target>/<model>)")
     _add_schedules_arg(p)
     p.add_argument("--cross-compiler", help="linker command for the .so (overrides the preset's)")
+    p.add_argument("--dump-code", action="append", metavar="asm|tir|relax",
+                   help="also write the assembly (<output>.s), the scheduled kernels (<output>.tir.py) "
+                        "or the Relax graph as built (<output>.relax.py); comma-separated or repeated")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("inspect", help="list the compiled kernels and count standalone shuffles")

@@ -14,6 +14,9 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    :mod:`tvmshuffle.schedules`), tuning records for the rest (if any), weight repacking folded
    into the constants, code for the target.
 5. **export** (:func:`export`): one shared library, cross-linked for ARM targets.
+
+``--dump-code asm,tir,relax`` (:func:`dump_code`) writes what was built beside the library:
+the assembly, the scheduled kernels (TIR) and the Relax graph calling them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import frontend, targets
@@ -43,6 +46,8 @@ class CompileConfig:
     weights: str | None = None
     #: "default" (tuned or MetaSchedule-less), "hand" (schedules/) or a directory of schedules
     schedules: str = "default"
+    #: what to write beside the library (:data:`DUMP_SUFFIXES`): "asm", "tir", "relax"
+    dump_code: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,6 +59,8 @@ class CompileResult:
     hand_kernels: int
     seconds: float
     model: frontend.ImportedModel
+    #: ``--dump-code`` kind → the file written
+    dumps: dict[str, Path] = field(default_factory=dict)
 
 
 def lower_passes(fuse: bool = True) -> list:
@@ -148,6 +155,80 @@ def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
     return output
 
 
+#: ``--dump-code`` kinds → what is appended to the library's name (``m.so`` → ``m.so.s``)
+DUMP_SUFFIXES = {"asm": ".s", "tir": ".tir.py", "relax": ".relax.py"}
+
+
+def parse_dump_code(values) -> tuple[str, ...]:
+    """``--dump-code`` values (each may be comma-separated; repeatable) → the kinds, in the
+    order given, each once. UserError for an unknown kind."""
+    if isinstance(values, str):
+        values = [values]
+    kinds: list[str] = []
+    for value in values or ():
+        for kind in str(value).split(","):
+            kind = kind.strip().lower()
+            if kind not in DUMP_SUFFIXES:
+                raise UserError(f"--dump-code {value}: {kind or '(empty)'!r} is not one of "
+                                f"{', '.join(DUMP_SUFFIXES)}")
+            if kind not in kinds:
+                kinds.append(kind)
+    return tuple(kinds)
+
+
+def dump_paths(library: Path, kinds) -> dict[str, Path]:
+    """Where :func:`dump_code` writes each kind: ``<library>.s``, ``.tir.py``, ``.relax.py``."""
+    return {kind: Path(str(library) + DUMP_SUFFIXES[kind]) for kind in parse_dump_code(kinds)}
+
+
+def _llvm_modules(module) -> list:
+    """The LLVM (host or cross) code modules among ``module`` and its imports."""
+    found, stack, seen = [], [module], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if m.kind == "llvm":
+            found.append(m)
+        stack.extend(m.imports)
+    return found
+
+
+def dump_code(mod, executable, library: Path, kinds, preset: targets.TargetPreset | None = None) -> dict[str, Path]:
+    """Write what was built beside ``library`` (:func:`dump_paths`); returns kind → path.
+
+    * ``asm``: the target's assembly, from the executable's LLVM module (``inspect_source("asm")``)
+      — e.g. NEON ``fmla v0.4s, …`` for aarch64, AVX ``vfmadd…`` on ymm/zmm registers for x86;
+    * ``tir``: the kernels (PrimFuncs) as scheduled — hand schedules, tuning records or
+      TVM's defaults — in TVMScript;
+    * ``relax``: the Relax graph as built (after lowering and scheduling: one ``call_tir`` per
+      fused kernel, weights as ``metadata[...]`` constants) in TVMScript.
+
+    ``mod`` is the scheduled module (:func:`schedule`), ``executable`` its :func:`codegen`.
+    """
+    import tvm
+    from tvm import relax
+
+    where = f" ({preset.name}: {json.dumps(preset.target)})" if preset is not None else ""
+    paths = dump_paths(library, kinds)
+    for kind, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "asm":
+            code = [m.inspect_source("asm") for m in _llvm_modules(executable.mod)]
+            if not code:
+                raise UserError(f"--dump-code asm: {library} has no LLVM code module to print")
+            text = "\n".join(code)
+        else:
+            wanted = tvm.tirx.PrimFunc if kind == "tir" else relax.Function
+            part = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, wanted)})
+            what = ("the kernels as scheduled (TIR)" if kind == "tir" else
+                    f"the Relax graph as built (kernels: --dump-code tir, {library.name}{DUMP_SUFFIXES['tir']})")
+            text = f"# {library.name}{where}: {what}\n" + part.script()
+        path.write_text(text)
+    return paths
+
+
 def metadata_path(library: Path) -> Path:
     """``model.so`` → ``model.so.json``: what the library was compiled from (for run/profile)."""
     return Path(str(library) + ".json")
@@ -222,13 +303,16 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
         from . import schedules
 
         schedules.load(config.schedules)  # and if --schedules is not a schedule directory
+    parse_dump_code(config.dump_code)  # and if --dump-code names an unknown kind
     start = time.perf_counter()
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
     mod = lower(imported.mod, preset, fuse=config.fuse)
     mod, tuned, hand = schedule(mod, preset, config.tuning_records, config.schedules)
-    path = export(codegen(mod, preset), preset, output)
+    executable = codegen(mod, preset)
+    path = export(executable, preset, output)
     write_metadata(path, model, config, preset, imported, mod)
+    dumps = dump_code(mod, executable, path, config.dump_code, preset) if config.dump_code else {}
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
-    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported)
+    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported, dumps)
