@@ -288,3 +288,64 @@ def test_compile_dump_code_host(small_lib):
 def test_compile_bad_dump_code(tmp_path, value):
     assert_one_line_error(cli("compile", SMALL, "-o", tmp_path / "x.so", "--dump-code", value), "--dump-code")
     assert not (tmp_path / "x.so").exists()
+
+
+@pytest.mark.slow
+def test_run_fill_mode_equals_the_same_input_as_npy(small_lib, tmp_path):
+    lib, _ = small_lib
+    for mode, make in (("zeros", np.zeros), ("ones", np.ones)):
+        np.save(tmp_path / f"{mode}.npy", make((1, 3, 64, 64), "float32"))
+        filled = cli("run", lib, "--fill-mode", mode, "--no-check", "--output", tmp_path / f"{mode}-fill.npy")
+        given = cli("run", lib, "--input", tmp_path / f"{mode}.npy", "--no-check",
+                    "--output", tmp_path / f"{mode}-npy.npy")
+        assert filled.returncode == 0 and given.returncode == 0, filled.stderr + given.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / f"{mode}-fill.npy"), np.load(tmp_path / f"{mode}-npy.npy"))
+    assert not np.array_equal(np.load(tmp_path / "zeros-fill.npy"), np.load(tmp_path / "ones-fill.npy"))
+
+
+@pytest.mark.slow
+def test_run_fill_mode_random_print_top_and_check(small_lib):
+    lib, _ = small_lib
+    proc = cli("run", lib, "--fill-mode", "random", "--print-top", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    summary = next(i for i, ln in enumerate(lines) if ln.startswith("output float32[1, 1000]"))
+    assert "top 3 (rank class score)" in lines[summary]
+    rows = [ln.split() for ln in lines[summary + 1: summary + 4]]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= int(r[1]) < 1000 for r in rows)
+    # the generated input is what the reference is given, too (seed 0: the same each run)
+    assert "-> OK" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+def test_run_fill_mode_over_rpc(small_lib, rpc_env, tmp_path):
+    lib, _ = small_lib
+    proc = cli("run", lib, "--fill-mode", "ones", "--no-check", "--output", tmp_path / "y.npy",
+               "--rpc-tracker", rpc_env.tracker, "--rpc-key", rpc_env.key)
+    assert proc.returncode == 0, proc.stderr
+    from tvmshuffle import runtime
+
+    expected = runtime.run(runtime.load_library(lib), np.ones((1, 3, 64, 64), "float32")).output
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_run_fill_mode_needs_the_metadata(tmp_path):
+    (tmp_path / "bare.so").write_bytes(b"junk")
+    assert_one_line_error(cli("run", tmp_path / "bare.so", "--fill-mode", "zeros"), "--fill-mode", "bare.so.json")
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((), "--fill-mode"),  # neither --input nor --fill-mode
+    (("--input", "x.npy", "--fill-mode", "ones"), "--fill-mode"),  # both
+    (("--fill-mode", "twos"), "--fill-mode"),
+    (("--fill-mode", "ones", "--print-top", "0"), "--print-top"),
+    (("--fill-mode", "ones", "--print-top", "-2"), "--print-top"),
+    (("--fill-mode", "ones", "--print-top", "three"), "--print-top"),
+])
+def test_run_bad_new_flags(tmp_path, args, needle):
+    (tmp_path / "m.so").write_bytes(b"junk")
+    assert_one_line_error(cli("run", tmp_path / "m.so", *args), needle)

@@ -81,7 +81,21 @@ def cmd_run(args) -> int:
         writable_output(args.output, "--output")  # before running, not after
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise UserError("--rpc-tracker and --rpc-key go together")
-    x = runtime.load_input(args.input)
+    if args.print_top is not None and args.print_top < 1:
+        raise UserError(f"--print-top must be >= 1, got {args.print_top}")
+    library = Path(args.library)
+    if not library.is_file():
+        raise UserError(f"{library}: no such file")
+    meta = pipeline.read_metadata(library)
+    if args.fill_mode:
+        shape = meta.get("input_shape") if meta else None
+        if not shape:
+            raise UserError(f"--fill-mode {args.fill_mode}: no input shape for {library} (its "
+                            f"{pipeline.metadata_path(library).name} from `tvmshuffle compile` is "
+                            "not beside it); give --input X.npy")
+        x = runtime.fill_input(args.fill_mode, shape)
+    else:
+        x = runtime.load_input(args.input)
     repeat = args.repeat or (10 if args.print_time else 0)
     if args.rpc_tracker:
         from . import remote
@@ -93,8 +107,15 @@ def cmd_run(args) -> int:
         result = runtime.run(runtime.load_library(args.library), x, repeat=repeat, number=args.number)
         where = "latency on this CPU"
     y = result.output
-    top = np.argsort(y.reshape(y.shape[0], -1)[0])[::-1][:5]
-    print(f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}, top-5 {top.tolist()}")
+    summary = f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}"
+    if args.print_top is None:
+        print(f"{summary}, top-5 {[c for _, c, _ in runtime.top_classes(y, 5)]}")
+    else:
+        top = runtime.top_classes(y, args.print_top)
+        image = " of image 0" if y.ndim > 1 and y.shape[0] > 1 else ""
+        print(f"{summary}; top {len(top)}{image} (rank class score):")
+        for rank, cls, score in top:
+            print(f"{rank:4d} {cls:6d} {score:12.6g}")
     if result.times_ms:
         t = np.array(result.times_ms)
         print(f"{where}: median {np.median(t):.3f} ms, p10 {np.percentile(t, 10):.3f}, "
@@ -102,7 +123,6 @@ def cmd_run(args) -> int:
     if args.output:
         np.save(args.output, y)
         print(f"saved {args.output}")
-    meta = pipeline.read_metadata(Path(args.library))
     if args.check and meta:
         expected = frontend.reference(meta["model"], meta.get("weights"))(x)
         ok, err = runtime.check(y, expected, args.tolerance)
@@ -316,11 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a compiled library here or on a device behind an RPC tracker")
     p.add_argument("library", help="a .so from `tvmshuffle compile`")
-    p.add_argument("--input", required=True, help="input tensor as .npy (float32, N,C,H,W)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="input tensor as .npy (float32, N,C,H,W)")
+    source.add_argument("--fill-mode", choices=["zeros", "ones", "random"],
+                        help="instead of --input: a generated input of the shape in the library's "
+                             ".so.json: zeros, ones or random (standard normal, seed 0)")
     p.add_argument("--output", help="save the output here (.npy)")
     p.add_argument("--repeat", type=int, default=0, help="timed samples (default 0; 10 with --print-time)")
     p.add_argument("--number", type=int, default=1, help="runs averaged per sample")
     p.add_argument("--print-time", action="store_true", help="print the latency")
+    p.add_argument("--print-top", type=int, metavar="N",
+                   help="print the N highest-scoring classes (rank class score) of the first image")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: run on the device there")
     p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
     p.add_argument("--no-check", dest="check", action="store_false",

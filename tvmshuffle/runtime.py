@@ -52,6 +52,32 @@ def load_input(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(x, dtype="float32")
 
 
+#: ``tvmshuffle run --fill-mode``: a generated input instead of ``--input``
+FILL_MODES = ("zeros", "ones", "random")
+#: ``--fill-mode random`` draws a standard normal with this seed (the same input every run)
+FILL_SEED = 0
+
+
+def fill_input(mode: str, shape, seed: int = FILL_SEED) -> np.ndarray:
+    """A float32 input of ``shape``: all zeros, all ones, or standard normal (seeded)."""
+    shape = tuple(int(d) for d in shape)
+    if mode == "zeros":
+        return np.zeros(shape, "float32")
+    if mode == "ones":
+        return np.ones(shape, "float32")
+    if mode == "random":
+        return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+    raise UserError(f"--fill-mode {mode}: not one of {', '.join(FILL_MODES)}")
+
+
+def top_classes(output: np.ndarray, n: int) -> list[tuple[int, int, float]]:
+    """``(rank, class, score)`` of the ``n`` highest scores of the first image of ``output``
+    (rank 1 is the highest; fewer when there are fewer classes; ties: the lower class first)."""
+    if n < 1:
+        raise UserError(f"--print-top must be >= 1, got {n}")
+    scores = output.reshape(output.shape[0], -1)[0] if output.ndim > 1 else output.reshape(-1)
+    order = np.argsort(-scores, kind="stable")[:n]
+    return [(rank, int(c), float(scores[c])) for rank, c in enumerate(order, start=1)]
 
 
 def run(vm, x: np.ndarray, repeat: int = 0, number: int = 1) -> RunResult:
