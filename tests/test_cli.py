@@ -349,3 +349,18 @@ def test_run_fill_mode_needs_the_metadata(tmp_path):
 def test_run_bad_new_flags(tmp_path, args, needle):
     (tmp_path / "m.so").write_bytes(b"junk")
     assert_one_line_error(cli("run", tmp_path / "m.so", *args), needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--number", "0"), "--number"),
+    (("--repeat", "0"), "--repeat"),
+    (("--repeat", "-3"), "--repeat"),
+    (("--min-repeat-ms", "-1"), "--min-repeat-ms"),
+    (("--timeout", "-5"), "--timeout"),
+    (("--timeout", "0"), "--timeout"),
+    (("--number", "two"), "--number"),
+])
+def test_tune_bad_measurement_flags(tmp_path, args, needle):
+    proc = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--tuning-records", tmp_path / "r", *args)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "r").exists()  # checked before anything is imported or written

@@ -157,6 +157,69 @@ def test_apply_tolerates_a_torn_last_line(tiny, tuned_local, tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------------------------
+# measurement settings (tune --number --repeat --min-repeat-ms --timeout)
+
+
+@pytest.mark.timeout(60)
+def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
+    config = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", number=2, repeat=3, min_repeat_ms=7,
+                               builder_timeout_sec=11, runner_timeout_sec=13, progress=False)
+    runner, ms_runner = tuning.make_runner(config)
+    try:
+        assert ms_runner is runner  # local
+        ev = runner.evaluator_config
+        assert (ev.number, ev.repeat, ev.min_repeat_ms, ev.enable_cpu_cache_flush) == (2, 3, 7, False)
+        assert runner.timeout_sec == 13
+    finally:
+        runner.pool.shutdown()
+    builder = tuning.make_builder(config)
+    assert builder.timeout_sec == 11
+    # over RPC: the same evaluator; each candidate's run bounded by the timeout + the device wait
+    rpc = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", number=4, repeat=2, min_repeat_ms=0,
+                            runner_timeout_sec=13, device_wait_sec=5, rpc_tracker="127.0.0.1:1", rpc_key="k")
+    runner, ms_runner = tuning.make_runner(rpc)
+    try:
+        ev = runner.evaluator_config
+        assert (ev.number, ev.repeat, ev.min_repeat_ms) == (4, 2, 0)
+        assert runner.pool._timeout == 18
+        assert ms_runner is not runner
+    finally:
+        runner.pool.shutdown(wait=False)
+
+
+def test_measurement_defaults_are_unchanged(tmp_path):
+    config = tuning.TuneConfig(trials=2, records_dir=tmp_path)
+    assert (config.number, config.repeat, config.min_repeat_ms) == (3, 1, 100)
+    assert (config.builder_timeout_sec, config.runner_timeout_sec) == (60.0, 60.0)
+
+
+@pytest.mark.parametrize("option,value,flag", [
+    ("number", 0, "--number"), ("number", -1, "--number"), ("repeat", 0, "--repeat"),
+    ("min_repeat_ms", -1, "--min-repeat-ms"), ("builder_timeout_sec", 0, "--timeout"),
+    ("runner_timeout_sec", -2.5, "--timeout"), ("runner_timeout_sec", float("inf"), "--timeout"),
+])
+def test_bad_measurement_settings(tmp_path, option, value, flag):
+    with pytest.raises(UserError, match=flag):
+        tuning.TuneConfig(trials=2, records_dir=tmp_path, **{option: value})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_tiny_tune_measures_as_configured(tiny, tmp_path):
+    """Each record holds ``repeat`` measurements: the settings reached MetaSchedule's runner."""
+    mod, preset, _, _ = tiny
+    rec = tmp_path / "rec"
+    res = tuning.tune(mod, preset, tuning.TuneConfig(
+        trials=2, records_dir=rec, **{**FAST, "repeat": 3, "runner_timeout_sec": 30, "builder_timeout_sec": 60}))
+    assert res.trials_run >= 2
+    lines = [json.loads(ln) for ln in _lines(rec / tuning.RECORD_FILE)]
+    assert len(lines) == res.trials_total
+    run_secs = [record[1] for _, record in lines]  # a line: [workload, [trace, run_secs, target, args]]
+    measured = [r for r in run_secs if r and max(r) < 1e9]
+    assert measured and all(len(r) == 3 for r in measured), run_secs
+
+
+# --------------------------------------------------------------------------------------------
 # refusing records
 
 

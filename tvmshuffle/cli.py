@@ -134,15 +134,24 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    import dataclasses
+
     from . import frontend, pipeline, targets, tuning
 
+    # the flags are checked before the slow import; the records dir may need the model's name
+    measure = {k: v for k, v in (("number", args.number), ("repeat", args.repeat),
+                                 ("min_repeat_ms", args.min_repeat_ms),
+                                 ("builder_timeout_sec", args.timeout),
+                                 ("runner_timeout_sec", args.timeout)) if v is not None}
+    config = tuning.TuneConfig(trials=args.trials, records_dir=Path(args.tuning_records or "."),
+                               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+                               trials_per_batch=args.trials_per_batch,
+                               seed_schedules=args.seed_schedules, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
     records = Path(args.tuning_records) if args.tuning_records else tuning.records_dir_for(
         preset.name, tuning.records_key(imported.name, not args.no_fuse, imported.input_shape))
-    config = tuning.TuneConfig(trials=args.trials, records_dir=records, rpc_tracker=args.rpc_tracker,
-                               rpc_key=args.rpc_key, trials_per_batch=args.trials_per_batch,
-                               seed_schedules=args.seed_schedules)
+    config = dataclasses.replace(config, records_dir=records)
     mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
     result = tuning.tune(mod, preset, config)
     where = "on this CPU"
@@ -363,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", help="records dir (default tuning_logs/<target>/<model>[-unfused])")
     p.add_argument("--no-fuse", action="store_true", help="tune the unfused module (for comparison)")
     p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")
+    p.add_argument("--number", type=int, help="runs averaged per measurement of a candidate (default 3)")
+    p.add_argument("--repeat", type=int, help="measurements per candidate (default 1)")
+    p.add_argument("--min-repeat-ms", type=int, metavar="MS",
+                   help="run a measurement for at least MS ms, raising --number (default 100)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="seconds each candidate's build, and its run, may take (default 60)")
     p.add_argument("--seed-schedules", metavar="hand|DIR",
                    help="add the hand schedules (tile sizes left to the search) to MetaSchedule's "
                         "design space of the fused kernels, so tuning starts from them")

@@ -87,15 +87,17 @@ class TuneConfig:
     #: candidates per batch (MetaSchedule's ``num_trials_per_iter``); smaller when the
     #: budget is small, so every task gets a batch
     trials_per_batch: int = 64
-    #: per candidate: compile + link
+    #: per candidate: compile + link (``tvmshuffle tune --timeout``)
     builder_timeout_sec: float = 60.0
-    #: per candidate: load + measure (over RPC: connect, upload, measure)
+    #: per candidate: load + measure (over RPC: connect, upload, measure) (``--timeout``)
     runner_timeout_sec: float = 60.0
     #: RPC: the server ends a session after this long; also the bound to reach the tracker
     session_timeout_sec: float = 60.0
     #: RPC: how long to wait for a free device with ``rpc_key``
     device_wait_sec: float = 300.0
-    #: measurement: mean of ``number`` runs, ``repeat`` times, each repeat ≥ ``min_repeat_ms``
+    #: measurement (MetaSchedule's ``EvaluatorConfig``; ``--number``, ``--repeat``,
+    #: ``--min-repeat-ms``): mean of ``number`` runs, ``repeat`` times, each repeat ≥
+    #: ``min_repeat_ms`` (``number`` is raised until it is)
     number: int = 3
     repeat: int = 1
     min_repeat_ms: int = 100
@@ -120,6 +122,17 @@ class TuneConfig:
             raise UserError(f"trials per batch must be ≥ 1, got {self.trials_per_batch}")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise UserError("--rpc-tracker and --rpc-key go together (give both or neither)")
+        for flag, value in (("--number", self.number), ("--repeat", self.repeat)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{flag} must be an integer ≥ 1, got {value!r}")
+        if isinstance(self.min_repeat_ms, bool) or not isinstance(self.min_repeat_ms, (int, float)) \
+                or not math.isfinite(self.min_repeat_ms) or self.min_repeat_ms < 0:
+            raise UserError(f"--min-repeat-ms must be ≥ 0, got {self.min_repeat_ms!r}")
+        for name in ("builder_timeout_sec", "runner_timeout_sec"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise UserError(f"--timeout ({name}) must be > 0 seconds, got {value!r}")
 
 
 @dataclass
@@ -810,8 +823,27 @@ def _seed_record(context, preset, source: str, database, builder, runner, stat: 
     log.info("%s: seeded with the %s schedule: %.1f us", stat.name, source, stat.best_us or float("nan"))
 
 
-def _make_runner(config: TuneConfig):
-    """(the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast)"""
+def make_builder(config: TuneConfig, cross_compiler: str | None = None):
+    """MetaSchedule's builder for ``config``: parallel local builds bounded by
+    ``builder_timeout_sec`` (``--timeout``), linked by ``cross_compiler`` (None: the host's)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.builder.LocalBuilder(
+        max_workers=config.builder_workers,
+        timeout_sec=config.builder_timeout_sec,
+        f_build=_build,
+        f_export=functools.partial(_export, cross_compiler=cross_compiler),
+    )
+
+
+def make_runner(config: TuneConfig):
+    """MetaSchedule's runner for ``config``: local, or over RPC. Measures as ``config`` says
+    (``EvaluatorConfig(number, repeat, min_repeat_ms, enable_cpu_cache_flush)``), each
+    candidate bounded by ``runner_timeout_sec`` (``--timeout``; over RPC plus the wait for a
+    free device).
+
+    Returns (the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast).
+    """
     from tvm.s_tir import meta_schedule as ms
     from tvm.support.popen_pool import PopenPoolExecutor
 
@@ -983,13 +1015,8 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
-        builder = ms.builder.LocalBuilder(
-            max_workers=config.builder_workers,
-            timeout_sec=config.builder_timeout_sec,
-            f_build=_build,
-            f_export=functools.partial(_export, cross_compiler=cross),
-        )
-        runner, ms_runner = _make_runner(config)
+        builder = make_builder(config, cross)
+        runner, ms_runner = make_runner(config)
         for i in seeded:  # measure the hand schedule first: the search starts from its record
             if stats[i].trials == 0:
                 _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
