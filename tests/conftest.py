@@ -8,10 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+#: The smallest zoo model and input that exercise every path (where the shape does not matter).
+SMALL = "shufflenet_v1_g3_x0_25"
+SMALL_SHAPE = (1, 3, 64, 64)
 
 
 def free_port() -> int:
@@ -59,6 +64,11 @@ class RPCEnv:
     host: str
     port: int
     log_dir: Path
+    server_pid: int  # leader of the server's process group
+
+    def stop_server(self) -> None:
+        """SIGSTOP the server and its workers: a device that stops answering."""
+        os.killpg(self.server_pid, signal.SIGSTOP)
 
 
 def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None:
@@ -86,13 +96,11 @@ def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None
     raise RuntimeError(f"RPC server with key {key!r} did not register within {timeout} s: {last}")
 
 
-@pytest.fixture(scope="session")
-def rpc_env(tmp_path_factory):
+@contextmanager
+def rpc_tracker_and_server(log_dir: Path, key: str):
     """``python -m tvm.exec.rpc_tracker`` + ``python -m tvm.exec.rpc_server`` on 127.0.0.1
-    (free ports, each in its own process group, killed as a group at teardown)."""
-    log_dir = tmp_path_factory.mktemp("rpc")
+    (free ports, each in its own process group, killed as a group at the end)."""
     host = "127.0.0.1"
-    key = "tvmshuffle-test-host"
     tracker_port = free_port()
     server_port = free_port()
     procs: list[tuple[str, subprocess.Popen]] = []
@@ -114,7 +122,35 @@ def rpc_env(tmp_path_factory):
                 start_new_session=True, env=env,
             )))
         _wait_for_key(host, tracker_port, key, procs, timeout=60.0)
-        yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir)
+        yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir, procs[1][1].pid)
     finally:
         for _, proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGCONT)  # a test may have stopped it
+            except ProcessLookupError:
+                pass
             kill_group(proc)
+
+
+@pytest.fixture(scope="session")
+def rpc_env(tmp_path_factory):
+    """A tracker and a host RPC server shared by the session's tests (never stop it)."""
+    with rpc_tracker_and_server(tmp_path_factory.mktemp("rpc"), "tvmshuffle-test-host") as env:
+        yield env
+
+
+@pytest.fixture
+def own_rpc_env(tmp_path_factory):
+    """A tracker and a host RPC server of the test's own (it may SIGSTOP the server)."""
+    with rpc_tracker_and_server(tmp_path_factory.mktemp("rpc"), "tvmshuffle-test-own") as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def small_host_library(tmp_path_factory):
+    """V1 g3 0.25x at 64x64 compiled for this CPU (with its model.so.json), once per session."""
+    from tvmshuffle import pipeline
+
+    out = tmp_path_factory.mktemp("small") / "small-host.so"
+    pipeline.compile_model(SMALL, out, pipeline.CompileConfig(input_shape=SMALL_SHAPE))
+    return out

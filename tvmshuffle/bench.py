@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import frontend, pipeline, targets, tuning
+from . import frontend, pipeline, remote, targets, tuning
 from ._shipped import display
 from .errors import UserError
 from . import runtime
@@ -53,6 +53,8 @@ class BenchConfig:
     weights: str | None = None
     rpc_tracker: str | None = None
     rpc_key: str | None = None
+    #: RPC: seconds a remote step may go without an answer (``--rpc-timeout``)
+    rpc_timeout: float = 120.0
 
 
 @dataclass
@@ -166,8 +168,7 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
         raise UserError("--repeat must be >= 1 (and warm-up >= 0)")
     if config.rounds < 1:
         raise UserError("--rounds must be >= 1")
-    if bool(config.rpc_tracker) != bool(config.rpc_key):
-        raise UserError("--rpc-tracker and --rpc-key go together")
+    remote.check_rpc_args(config.rpc_tracker, config.rpc_key, config.rpc_timeout)
     preset = targets.resolve(config.target)
     remote_run = config.rpc_tracker is not None
     if preset.is_cross and not remote_run:
@@ -241,11 +242,9 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     if hand:
         row.note += f", {hand_kernels} with hand schedules"
     if remote_run:
-        from . import remote
-
         lib = pipeline.export(executable, preset, work / f"{variant}.so")
         result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,
-                                   repeat=config.repeat, number=1)
+                                   repeat=config.repeat, number=1, timeout=config.rpc_timeout)
         row.where = result.latency_label
         return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance), None
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())

@@ -79,8 +79,9 @@ def cmd_run(args) -> int:
         raise UserError("--repeat must be >= 0 and --number >= 1")
     if args.output:
         writable_output(args.output, "--output")  # before running, not after
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise UserError("--rpc-tracker and --rpc-key go together")
+    from .remote import check_rpc_args
+
+    check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
     if args.print_top is not None and args.print_top < 1:
         raise UserError(f"--print-top must be >= 1, got {args.print_top}")
     library = Path(args.library)
@@ -101,7 +102,7 @@ def cmd_run(args) -> int:
         from . import remote
 
         result = remote.run_remote(args.library, x, tracker=args.rpc_tracker, key=args.rpc_key,
-                                   repeat=repeat, number=args.number)
+                                   repeat=repeat, number=args.number, timeout=args.rpc_timeout)
         where = result.latency_label
     else:
         result = runtime.run(runtime.load_library(args.library), x, repeat=repeat, number=args.number)
@@ -181,6 +182,7 @@ def cmd_bench(args) -> int:
         target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rounds=args.rounds,
+        rpc_timeout=args.rpc_timeout,
     )
     report = bench.bench(args.model, config)
     print(bench.markdown(report))
@@ -201,8 +203,9 @@ def cmd_profile(args) -> int:
     from . import pipeline, profile
     from .frontend import parse_input_shape
 
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise UserError("--rpc-tracker and --rpc-key go together")
+    from .remote import check_rpc_args
+
+    check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
@@ -211,7 +214,8 @@ def cmd_profile(args) -> int:
     if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
         model, config = pipeline.compiled_from(Path(model))
     if args.rpc_tracker:
-        result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat)
+        result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat,
+                                           rpc_timeout=args.rpc_timeout)
     elif model.endswith(".so"):
         result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat)
     else:
@@ -289,6 +293,7 @@ def cmd_study(args) -> int:
         target=args.target, models=args.model, input_shape=parse_input_shape(args.input_shape) or (1, 3, 224, 224),
         tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         trials_per_layer=args.trials_per_layer, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+        rpc_timeout=args.rpc_timeout,
         number=args.number, repeat=args.repeat, layers_limit=args.limit, threads=args.threads,
     )
     report = study.run_study(config)
@@ -305,6 +310,16 @@ def _add_model_args(p) -> None:
     p.add_argument("model", help="zoo name (see `tvmshuffle models`), a .pt2 (torch.export.save) or an .onnx file")
     p.add_argument("--input-shape", help="N,C,H,W (default 1,3,224,224; a file's own shape)")
     p.add_argument("--weights", help="state_dict file for a zoo model (default: random init, seed 0)")
+
+
+def _add_rpc_args(p, what: str) -> None:
+    from .remote import DEFAULT_RPC_TIMEOUT
+
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help=f"a TVM RPC tracker: {what}")
+    p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
+    p.add_argument("--rpc-timeout", type=float, default=DEFAULT_RPC_TIMEOUT, metavar="SECONDS",
+                   help="give up on a device that answers nothing for this long in one step "
+                        f"(default {DEFAULT_RPC_TIMEOUT:g})")
 
 
 def _add_schedules_arg(p) -> None:
@@ -356,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-time", action="store_true", help="print the latency")
     p.add_argument("--print-top", type=int, metavar="N",
                    help="print the N highest-scoring classes (rank class score) of the first image")
-    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: run on the device there")
-    p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
+    _add_rpc_args(p, "run on the device there")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare with PyTorch/ONNX Runtime on the host (done when model.so.json is there)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
@@ -393,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
     p.add_argument("--rounds", type=int, default=1,
                    help="take each variant's runs in N rounds, the variants' order rotating (default 1: in a row)")
-    p.add_argument("--rpc-tracker", help="HOST:PORT: run the TVM variants on the device there")
-    p.add_argument("--rpc-key", help="device key at the tracker")
+    _add_rpc_args(p, "run the TVM variants on the device there")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.set_defaults(func=cmd_bench)
@@ -409,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedules_arg(p)
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
     p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
-    p.add_argument("--rpc-tracker", help="HOST:PORT: profile a device library on the device there")
-    p.add_argument("--rpc-key", help="device key at the tracker")
+    _add_rpc_args(p, "profile a device library on the device there")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
 
@@ -431,8 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "tuning_logs/<target>/study, then the models' records there)")
     p.add_argument("--trials-per-layer", type=int, default=0,
                    help="tune each layer to N trials first (resumable; default 0: no tuning, missing ones said)")
-    p.add_argument("--rpc-tracker", help="HOST:PORT: measure on the device there")
-    p.add_argument("--rpc-key", help="device key at the tracker")
+    _add_rpc_args(p, "measure on the device there")
     p.add_argument("--threads", type=int, help="TVM threads here (default: TVM_NUM_THREADS, else every core)")
     p.add_argument("--number", type=int, default=20, help="runs averaged per sample (default 20)")
     p.add_argument("--repeat", type=int, default=15, help="samples, median taken (default 15)")
@@ -441,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.set_defaults(func=cmd_study)
     return parser
+
+
+def _device_timed_out(err: UserError) -> bool:
+    from .remote import DeviceTimeout
+
+    return isinstance(err, DeviceTimeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             log.exception("error")
         print(f"tvmshuffle: error: {err}", file=sys.stderr)
+        if _device_timed_out(err):
+            # Objects of the dead session may still be referenced (by the traceback); TVM's
+            # teardown of them at exit would wait for the device's answer for ever.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except BrokenPipeError:  # `tvmshuffle ... | head`
         return 0

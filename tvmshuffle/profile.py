@@ -43,14 +43,19 @@ def kernel_library(executable_or_module):
 
 
 def time_kernels(library, kernels: list[Kernel], dev=None, number: int = 10, repeat: int = 5,
-                 seed: int = 0) -> list[KernelTime]:
-    """Time every kernel in ``library``; sorted slowest (by total time) first."""
+                 seed: int = 0, on_kernel=None) -> list[KernelTime]:
+    """Time every kernel in ``library``; sorted slowest (by total time) first.
+
+    ``on_kernel(what)`` is called before each kernel (a remote session bounds each step).
+    """
     import tvm
 
     dev = dev or tvm.cpu()
     rng = np.random.default_rng(seed)
     rows = []
     for kernel in kernels:
+        if on_kernel is not None:
+            on_kernel(f"timing kernel {kernel.name}")
         args = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32"), dev)
                 for s in kernel.inputs]
         args += [tvm.runtime.tensor(np.zeros(s, "float32"), dev) for s in kernel.outputs]
@@ -89,12 +94,14 @@ def _kernels_of(path) -> list[Kernel]:
     return [Kernel(**k) for k in meta["kernels"]]
 
 
-def profile_on_device(model: str, config, tracker: str, key: str, number: int = 10, repeat: int = 5) -> Profile:
+def profile_on_device(model: str, config, tracker: str, key: str, number: int = 10, repeat: int = 5,
+                      rpc_timeout: float | None = None) -> Profile:
     """Per-kernel times on the device ``key`` behind ``tracker`` (emulated devices: labelled).
 
     ``model`` is compiled with ``config`` (a :class:`~tvmshuffle.pipeline.CompileConfig` for the
     device's target). Over RPC the time evaluator finds only functions at a module's root, so
-    the kernels are also exported alone, as a second library, and timed from that one.
+    the kernels are also exported alone, as a second library, and timed from that one. Every
+    remote step is bounded by ``rpc_timeout`` (:class:`~tvmshuffle.remote.Session`).
     """
     import tempfile
     from pathlib import Path
@@ -107,19 +114,19 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
     mod, _, _ = pipeline.schedule(mod, preset, config.tuning_records, config.schedules)
     executable = pipeline.codegen(mod, preset)
     kernels_list = kernels.list_kernels(mod)
-    host, port = remote.parse_tracker(tracker)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            remote.Session(tracker, key, rpc_timeout or remote.DEFAULT_RPC_TIMEOUT) as session:
         full = pipeline.export(executable, preset, Path(tmp) / "model.so")
         only_kernels = Path(tmp) / "kernels.so"
         fcompile = targets.export_function(preset)
         kernel_library(executable).export_library(str(only_kernels), **({"fcompile": fcompile} if fcompile else {}))
-        session = remote.request_session(host, port, key)
-        vm, dev = remote.load_remote_vm(session, full, key)
-        session.upload(str(only_kernels))
-        rows = time_kernels(session.load_module(only_kernels.name), kernels_list, dev, number=number, repeat=repeat)
-    remote.run_stateful(vm, dev, imported.random_input())
-    total = float(np.median(remote.time_stateful(vm, dev, repeat, number)))
-    where = key + (" (EMULATED under qemu on this host: not ARM timings)" if remote.is_emulated_key(key) else "")
+        vm = session.load_vm(full)
+        library = session.load_module(only_kernels)
+        rows = time_kernels(library, kernels_list, session.cpu(), number=number, repeat=repeat, on_kernel=session.step)
+        session.run(vm, imported.random_input())
+        total = float(np.median(session.time(vm, repeat, number)))
+        vm = library = None
+    where = key + (" (EMULATED under qemu on this host: not ARM timings)" if session.emulated else "")
     return Profile(imported.name, where, total, rows)
 
 

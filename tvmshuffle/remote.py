@@ -139,50 +139,242 @@ def request_session(host: str, port: int, key: str, session_timeout: float = 600
         session.close()
 
 
+# --------------------------------------------------------------------------- bounded steps
+
+#: Seconds a remote step may go without an answer before the session is given up
+#: (``--rpc-timeout``): enough to upload a model library to an emulated device and run it once.
+DEFAULT_RPC_TIMEOUT = 120.0
+
+
+class DeviceTimeout(UserError):
+    """A device stopped answering: a remote step made no progress within the bound."""
+
+
+def server_log_hint(key: str, tracker: str) -> str:
+    """Where the device's server log is: the emulated device's file, else the device's own."""
+    if is_emulated_key(key):
+        from .device import service
+
+        _, port = parse_tracker(tracker)
+        return f"server log {service.server_log(key, port)}"
+    return "see the RPC server's own log on the device"
+
+
+class Watchdog:
+    """Bounds every step of a remote session: ``step(what)`` starts a step that must finish
+    within ``seconds``, else :class:`DeviceTimeout` names the key, the step and the log.
+
+    This is TVM's own interrupt path: TVM's socket calls retry on EINTR after running Python's
+    signal handlers, so the exception raised by the SIGALRM handler ends a call blocked on a
+    device that stopped answering (as Ctrl-C does). Signals reach only the main thread; in
+    another thread the steps are not bounded (logged).
+    """
+
+    def __init__(self, key: str, tracker: str, seconds: float = DEFAULT_RPC_TIMEOUT) -> None:
+        check_rpc_timeout(seconds)
+        self.key, self.tracker, self.seconds = key, tracker, seconds
+        self.what, self.limit = "starting", seconds
+        self.expired = False
+        self._previous = None
+        self._armed = False
+
+    def __enter__(self) -> Watchdog:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._outer = (signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic())  # e.g. pytest-timeout's
+            self._previous = signal.signal(signal.SIGALRM, self._expired)
+            self._armed = True
+        else:
+            log.debug("remote steps on %s are not time-bounded outside the main thread", self.key)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+            self._armed = False
+            left, since = self._outer
+            if left > 0:  # give back what an outer alarm had left
+                signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - since), 0.001))
+
+    def step(self, what: str, seconds: float | None = None) -> None:
+        """From now on the session is doing ``what``, which may take ``seconds`` (default: the bound)."""
+        import signal
+
+        self.what, self.limit = what, seconds or self.seconds
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, self.limit)
+
+    def _expired(self, *_) -> None:
+        self.expired = True
+        raise DeviceTimeout(
+            f"device {self.key!r} via {self.tracker}: no answer for {self.limit:.0f} s while "
+            f"{self.what} (--rpc-timeout {self.seconds:g}); {server_log_hint(self.key, self.tracker)}")
+
+
+def check_rpc_timeout(seconds: float) -> float:
+    if not seconds > 0:
+        raise UserError(f"--rpc-timeout must be > 0 seconds, got {seconds:g}")
+    return seconds
+
+
+def check_rpc_args(tracker: str | None, key: str | None, timeout: float = DEFAULT_RPC_TIMEOUT) -> None:
+    """The flags of a remote run: tracker and key together, a timeout > 0, a HOST:PORT tracker."""
+    if bool(tracker) != bool(key):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    check_rpc_timeout(timeout)
+    if tracker:
+        parse_tracker(tracker)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class Session:
+    """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`).
+
+    ``with Session(tracker, key) as s: vm = s.load_vm(lib); y = s.run(vm, x); t = s.time(vm, 10)``.
+    The session ends with the block (the device serves one session at a time).
+    """
+
+    def __init__(self, tracker: str, key: str, timeout: float = DEFAULT_RPC_TIMEOUT,
+                 session_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+        self.key = key
+        self.host, self.port = parse_tracker(tracker)
+        self.tracker = f"{self.host}:{self.port}"
+        self.session_timeout, self.connect_timeout = session_timeout, connect_timeout
+        self.watchdog = Watchdog(key, self.tracker, timeout)
+        self.remote = None
+        self._fds: set[int] = set()
+        self._run_s = 0.0
+
+    @property
+    def emulated(self) -> bool:
+        return is_emulated_key(self.key)
+
+    def __enter__(self) -> Session:
+        self.watchdog.__enter__()
+        try:
+            self.step("waiting for a session")
+            start = time.perf_counter()
+            before = _tcp_fds()
+            self.remote = request_session(self.host, self.port, self.key, session_timeout=self.session_timeout,
+                                          wait_timeout=self.watchdog.seconds, connect_timeout=self.connect_timeout)
+            self._fds = _tcp_fds() - before  # the session's connection to the device
+            log.info("session on %s via %s (%.1f s)", self.key, self.tracker, time.perf_counter() - start)
+        except BaseException:
+            self.watchdog.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.watchdog.expired:
+                # A call interrupted half-way leaves TVM's session waiting on the device: end the
+                # connection under it, so its teardown fails fast instead of waiting for ever.
+                _shutdown(self._fds)
+            self.step("ending the session")
+            self.remote = None  # TVM ends the session with its last reference
+            gc.collect()
+        except DeviceTimeout:
+            pass
+        finally:
+            self.watchdog.__exit__()
+
+    def step(self, what: str, seconds: float | None = None) -> None:
+        self.watchdog.step(what, seconds)
+
+    def cpu(self):
+        return self.remote.cpu()
+
+    def load_module(self, path: Path):
+        """Upload a library and load it on the device."""
+        path = Path(path)
+        self.step(f"uploading {path.name}")
+        self.remote.upload(str(path))
+        self.step(f"loading {path.name}")
+        try:
+            return self.remote.load_module(path.name)
+        except DeviceTimeout:
+            raise
+        except Exception as err:  # noqa: BLE001 - dlopen errors come back as TVM errors
+            raise UserError(f"{path}: device {self.key!r} cannot load it ({_last_line(err)}); "
+                            "was it compiled for this device's target?") from err
+
+    def load_vm(self, lib_path: Path):
+        """Upload the library and open a Relax VM on the device's CPU."""
+        from tvm import relax
+
+        module = self.load_module(lib_path)
+        self.step(f"opening a VM on {Path(lib_path).name}")
+        return relax.VirtualMachine(module, self.cpu())
+
+    def run(self, vm, x: np.ndarray) -> np.ndarray:
+        """``main(x)`` on the device; how long it took bounds :meth:`time`."""
+        self.step("running the model")
+        start = time.perf_counter()
+        out = run_stateful(vm, self.cpu(), x)
+        self._run_s = time.perf_counter() - start
+        return out
+
+    def time(self, vm, repeat: int, number: int = 1) -> list[float]:
+        """Per-repeat mean latency (ms) measured on the device: bounded by the work asked for
+        (three times the first run's time per run) plus ``--rpc-timeout``."""
+        self.step(f"timing {repeat} x {number} runs", self.watchdog.seconds + 3 * self._run_s * repeat * number)
+        return time_stateful(vm, self.cpu(), repeat, number)
+
+
+def _tcp_fds() -> set[int]:
+    import psutil
+
+    return {c.fd for c in psutil.Process().net_connections("tcp") if c.fd >= 0}
+
+
+def _shutdown(fds: set[int]) -> None:
+    """Shut down these sockets of ours (the descriptors stay TVM's to close)."""
+    import socket
+
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+
+
 # --------------------------------------------------------------------------- run
 
 
 def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACKER, key: str = DEFAULT_KEY,
-               repeat: int = 0, number: int = 1, timeout: float = 600.0, connect_timeout: float = 5.0,
+               repeat: int = 0, number: int = 1, timeout: float = DEFAULT_RPC_TIMEOUT,
                emulated: bool | None = None) -> RemoteRunResult:
     """Upload ``lib_path``, run ``main(x)`` on device ``key``; with ``repeat`` > 0 time it there.
 
-    ``timeout`` bounds the whole session (the server ends it after that many seconds);
-    ``connect_timeout`` bounds reaching the tracker. ``emulated`` defaults to
-    :func:`is_emulated_key`. Times are per-repeat means in ms, measured on the device.
+    Every step is bounded by ``timeout`` s without an answer (:class:`DeviceTimeout`).
+    ``emulated`` defaults to :func:`is_emulated_key`. Times are per-repeat means in ms,
+    measured on the device.
     """
     lib_path = Path(lib_path)
     if not lib_path.is_file():
         raise UserError(f"{lib_path}: no such file")
     if repeat < 0 or number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
-    host, port = parse_tracker(tracker)
-    start = time.perf_counter()
-    remote = request_session(host, port, key, session_timeout=timeout, connect_timeout=connect_timeout)
-    log.info("session on %s via %s:%d (%.1f s)", key, host, port, time.perf_counter() - start)
-    try:
-        vm, dev = load_remote_vm(remote, lib_path, key)
-        output = run_stateful(vm, dev, x)
-        times = time_stateful(vm, dev, repeat, number) if repeat > 0 else []
-    finally:  # end the session now: the device serves one at a time (TVM ends it with the last reference)
-        vm = dev = remote = None
-        gc.collect()
+    with Session(tracker, key, timeout) as session:
+        vm = session.load_vm(lib_path)
+        output = session.run(vm, x)
+        times = session.time(vm, repeat, number) if repeat > 0 else []
+        vm = None
     emulated = is_emulated_key(key) if emulated is None else emulated
-    return RemoteRunResult(output, times, key=key, tracker=f"{host}:{port}", emulated=emulated)
-
-
-def load_remote_vm(remote, lib_path: Path, key: str):
-    """Upload the library and open a Relax VM on the device's CPU."""
-    from tvm import relax
-
-    name = os.path.basename(lib_path)
-    remote.upload(str(lib_path))
-    dev = remote.cpu()
-    try:
-        return relax.VirtualMachine(remote.load_module(name), dev), dev
-    except Exception as err:  # noqa: BLE001 - dlopen errors come back as TVM errors
-        raise UserError(f"{lib_path}: device {key!r} cannot load it ({_last_line(err)}); "
-                        "was it compiled for this device's target?") from err
+    return RemoteRunResult(output, times, key=key, tracker=session.tracker, emulated=emulated)
 
 
 def run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import gc
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ import numpy as np
 from . import frontend, kernels, pipeline, schedules, targets, tuning
 from ._shipped import display
 from .errors import UserError, writable_output
+from .remote import DeviceTimeout, check_rpc_args
 from .runtime import check
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class StudyConfig:
     bandwidth_mb: int = 64
     #: RPC: one session per layer, ended by the device after this many seconds
     session_timeout: float = 600.0
+    #: RPC: seconds a remote step may go without an answer (``--rpc-timeout``)
+    rpc_timeout: float = 120.0
     #: tqdm bars on stderr (on a terminal only)
     progress: bool = True
     #: more :class:`tvmshuffle.tuning.TuneConfig` fields for the tuning (e.g. search_population)
@@ -117,8 +119,7 @@ class StudyConfig:
             raise UserError(f"--limit must be >= 1, got {self.layers_limit}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
-        if bool(self.rpc_tracker) != bool(self.rpc_key):
-            raise UserError("--rpc-tracker and --rpc-key go together")
+        check_rpc_args(self.rpc_tracker, self.rpc_key, self.rpc_timeout)
         if self.models is not None and not self.models:
             raise UserError("--model: give at least one model (or none for the whole zoo)")
 
@@ -668,6 +669,9 @@ class _Runner:
     def open(self) -> Iterator[None]:
         yield
 
+    def step(self, what: str) -> None:
+        """Say what is measured next (a remote session bounds each step)."""
+
     def device(self):
         raise NotImplementedError
 
@@ -718,13 +722,15 @@ class _RemoteRunner(_Runner):
     def open(self) -> Iterator[None]:
         from . import remote
 
-        self.session = remote.request_session(self.host, self.port, self.key,
-                                              session_timeout=self.config.session_timeout)
-        try:
-            yield
-        finally:  # end the session now: the device serves one at a time
-            self.session = None
-            gc.collect()
+        with remote.Session(self.config.rpc_tracker, self.key, self.config.rpc_timeout,
+                            session_timeout=self.config.session_timeout) as self.session:
+            try:
+                yield
+            finally:
+                self.session = None
+
+    def step(self, what: str) -> None:
+        self.session.step(what)
 
     def device(self):
         return self.session.cpu()
@@ -737,8 +743,7 @@ class _RemoteRunner(_Runner):
             lib.export_library(str(path))
         else:
             lib.export_library(str(path), fcompile=self.fcompile)
-        self.session.upload(str(path))
-        return self.session.load_module(path.name)
+        return self.session.load_module(path)
 
 
 def measure_bandwidth(runner: _Runner, preset: targets.TargetPreset, megabytes: int = 64) -> Bandwidth:
@@ -754,6 +759,7 @@ def measure_bandwidth(runner: _Runner, preset: targets.TargetPreset, megabytes: 
         a = runner.tensor(np.ones(n, "float32"))
         b = runner.tensor(np.full(n, 2.0, "float32"))
         c = runner.tensor(np.zeros(n, "float32"))
+        runner.step("measuring the memory bandwidth")
         module["main"](a, b, c)  # first touch of the pages, and a check
         if not np.allclose(c.numpy()[:: max(1, n // 1024)], 3.0):
             return Bandwidth(None, "bandwidth kernel computed a wrong result; not measured")
@@ -961,6 +967,8 @@ def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, s
                     args = [runner.tensor(rng.standard_normal(_shape(p)).astype(str(p.dtype))) for p in kernel.params]
                     row.note = _join(row.note, "weight packing checked, not timed (a model build does it "
                                                 "once, at compile time)")
+            except DeviceTimeout:
+                raise  # the device stopped answering: nothing more can be measured
             except Exception as err:  # noqa: BLE001 - a schedule that does not build or run: its row says so
                 row.status = f"error: {_last_line(err)}"
                 log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
@@ -976,6 +984,7 @@ def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, s
                     row.note = _join(row.note, "output differs from default: not timed")
                     log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
                     continue
+            runner.step(f"timing {layer.layer} ({row.schedule})")
             timer = module.time_evaluator("main", runner.device(), number=config.number, repeat=config.repeat)
             row.ms = float(np.median(timer(*args).results)) * 1e3
             row.status = "ok"

@@ -124,6 +124,12 @@ def down(tracker_port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1",
     return stopped
 
 
+def server_log(key: str = DEFAULT_KEY, tracker_port: int = DEFAULT_TRACKER_PORT,
+               cache_dir: str | Path | None = None) -> Path:
+    """The log file of the emulated server ``key`` registered with the tracker on ``tracker_port``."""
+    return _config(key, tracker_port, "127.0.0.1", cache_dir).server_log
+
+
 def warn_if_exposed(host: str) -> bool:
     """Log a WARNING when ``host`` is not loopback (an RPC server runs any code it is sent)."""
     if host in LOOPBACK:
