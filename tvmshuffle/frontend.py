@@ -239,14 +239,21 @@ def _ort_reference(path: str, input_name: str) -> Callable[[np.ndarray], np.ndar
 
 
 def fold_batch_norm(mod):
-    """Fold inference batch norm into the convolution before it; decompose any left over."""
+    """Fold inference batch norm into the convolution before it; decompose any left over.
+
+    The arithmetic this leaves on constants is evaluated with NumPy (``FoldConstantArith``);
+    TVM's ``FoldConstant`` would build every op with LLVM (most of an import's time).
+    """
     import tvm
     from tvm import relax
+
+    from .passes import FoldConstantArith
 
     seq = tvm.transform.Sequential(
         [
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
+            FoldConstantArith(),
             relax.transform.FoldConstant(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),

@@ -1,5 +1,6 @@
 """Graph passes tvmshuffle runs on the imported Relax module (before ``LegalizeOps``)."""
 
+from .fold_constant_arith import FoldConstantArith
 from .fuse_shuffle_group_conv import FuseShuffleGroupConv
 
-__all__ = ["FuseShuffleGroupConv"]
+__all__ = ["FoldConstantArith", "FuseShuffleGroupConv"]
