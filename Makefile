@@ -49,8 +49,10 @@ demo: venv cross
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-aarch64.so --input $(OUT)/input.npy --rpc-tracker $(TRACKER) --rpc-key emu-aarch64 --repeat 3 --print-time
 	$(BIN)/tvmshuffle device down
 
+# Every test, on one xdist worker per core (a module with module-scoped fixtures stays on one
+# worker, see its xdist_group), and the 10 slowest named at the end: a regression shows.
 test: venv cross
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -17,6 +18,25 @@ import pytest
 #: The smallest zoo model and input that exercise every path (where the shape does not matter).
 SMALL = "shufflenet_v1_g3_x0_25"
 SMALL_SHAPE = (1, 3, 64, 64)
+
+
+def _zoo_params():
+    """Every zoo model as a parameter; the tests of one model share an xdist worker (and so
+    :func:`zoo_import`'s cache), whichever test file they are in."""
+    from tvmshuffle.models import zoo
+
+    return [pytest.param(name, marks=pytest.mark.xdist_group(f"zoo-{name}")) for name in sorted(zoo.MODELS)]
+
+
+ZOO_MODELS = _zoo_params()
+
+
+@functools.lru_cache(maxsize=4)
+def zoo_import(name: str, shape: tuple[int, ...] = SMALL_SHAPE):
+    """``frontend.load(name, shape)``, imported once per worker for all tests that only read it."""
+    from tvmshuffle import frontend
+
+    return frontend.load(name, shape)
 
 
 def free_port() -> int:

@@ -9,6 +9,9 @@ import pytest
 
 from tvmshuffle import bench, frontend, pipeline, runtime, targets, tuning
 
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("bench")
+
 SMALL = "shufflenet_v1_g3_x0_25"
 SHAPE = (1, 3, 64, 64)
 

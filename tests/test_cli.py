@@ -7,6 +7,9 @@ import sys
 import numpy as np
 import pytest
 
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("cli")
+
 TVMSHUFFLE = [sys.executable, "-m", "tvmshuffle"]
 SMALL = "shufflenet_v1_g3_x0_25"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ZOO_MODELS, zoo_import
 
 from tvmshuffle import frontend, pipeline, runtime, targets
 from tvmshuffle.models import zoo
@@ -34,9 +35,9 @@ def assert_close(out, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+@pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_model_matches_pytorch(name, tmp_path):
-    imported = frontend.load(name, SHAPE)
+    imported = zoo_import(name, SHAPE)
     out, expected = compile_and_run(imported, tmp_path)
     assert_close(out, expected)
 

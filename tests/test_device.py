@@ -25,6 +25,9 @@ from tvmshuffle.device import provisioning
 from tvmshuffle.device import service
 from tvmshuffle.errors import UserError
 
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("device")
+
 KEY = "emu-aarch64-test"
 SHAPE = (1, 3, 64, 64)
 

@@ -4,8 +4,9 @@ Numerics of every fused model against PyTorch are in test_compile.py (fusion is 
 """
 
 import pytest
+from conftest import ZOO_MODELS, zoo_import
 
-from tvmshuffle import frontend, kernels, pipeline, targets
+from tvmshuffle import kernels, pipeline, targets
 from tvmshuffle.models import zoo
 
 SHAPE = (1, 3, 64, 64)
@@ -16,11 +17,11 @@ def shuffle_calls(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+@pytest.mark.parametrize("name", ZOO_MODELS)
 def test_every_shuffle_is_fused(name):
     spec = zoo.MODELS[name]
     preset = targets.resolve("host")
-    imported = frontend.load(name, SHAPE)
+    imported = zoo_import(name, SHAPE)
     before = kernels.list_kernels(pipeline.lower(imported.mod, preset, fuse=False))
     after = kernels.list_kernels(pipeline.lower(imported.mod, preset, fuse=True))
     # 16 units (4 + 8 + 4), one shuffle each, except V1 with one group (no shuffle at all).

@@ -6,6 +6,9 @@ import torch
 from tvmshuffle.errors import UserError
 from tvmshuffle.models import channel_shuffle, shufflenet_v1, shufflenet_v2, zoo
 
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("models")
+
 SMALL_INPUT = (1, 3, 64, 64)
 
 # Paper complexities in MFLOPs (= millions of multiply-accumulates) at 224x224.

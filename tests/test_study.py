@@ -12,6 +12,9 @@ import pytest
 from tvmshuffle import study, targets
 from tvmshuffle.errors import UserError
 
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("study")
+
 SMALL = "shufflenet_v2_x0_5"
 SHAPE = (1, 3, 64, 64)
 ROW_KEYS = {"layer", "kind", "schedule", "status", "ms", "gflops", "peak_fraction", "ai", "roofline_gflops",
