@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmshuffle import targets, tuning
+from tvmshuffle import pipeline, runtime, targets, tuning
 from tvmshuffle.errors import UserError
 
 from conftest import free_port, kill_group
+
+#: one xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("tuning")
 
 #: small and quick: tiny population, one measurement per candidate
 FAST = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=False,
@@ -61,23 +65,13 @@ def tiny():
     return _lower(mod, preset), preset, x.numpy(), expected
 
 
-def _run(mod, preset, records_dir, x):
-    """Compile as the pipeline does (records applied first) and run: (output, tuned kernels)."""
+def _run(mod, preset, records_dir, x, force=False):
+    """Build as the pipeline does (records applied) and run: (output, tuned kernels)."""
     import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    target = targets.tvm_target(preset)
-    tuned = 0
-    if records_dir is not None:
-        mod, tuned = tuning.apply_records(mod, preset, records_dir)
-    finish = tvm.transform.Sequential(
-        cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
-    )
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=finish), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x))
-    out = out[0] if not hasattr(out, "numpy") else out
-    return out.numpy(), tuned
+    executable, tuned, _ = pipeline.build(mod, preset, records_dir, force_records=force)
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    return runtime.run(vm, x).output, tuned
 
 
 def _lines(path: Path) -> list[str]:
@@ -242,6 +236,34 @@ def test_apply_refuses_records_of_another_target(tiny, tmp_path):
         tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_records_of_another_cpu_are_set_aside_with_a_note(tiny, tuned_local, tmp_path, caplog):
+    """Same ISA, another -mcpu: a note naming both CPUs and the tune command, nothing applied;
+    --force-records applies them; tuning into them is still refused."""
+    mod, preset, x, expected = tiny
+    rec = tmp_path / "host" / "tiny"
+    shutil.copytree(tuned_local.records_dir, rec)
+    stored = json.loads((rec / tuning.TARGET_FILE).read_text())
+    ours = stored["target"].get("mcpu", "generic")
+    stored["target"]["mcpu"] = "znver1" if ours != "znver1" else "znver4"
+    (rec / tuning.TARGET_FILE).write_text(json.dumps(stored))
+
+    with caplog.at_level(logging.WARNING, logger="tvmshuffle.tuning"):
+        applied, tuned = tuning.apply_records(mod, preset, rec)
+    assert tuned == 0
+    note = " ".join(r.getMessage() for r in caplog.records)
+    for needle in (f"tuned on {stored['target']['mcpu']}", f"this CPU is {ours}", "set aside",
+                   "tvmshuffle tune", "--force-records"):
+        assert needle in note, (needle, note)
+
+    out, forced = _run(mod, preset, rec, x, force=True)
+    assert forced >= 1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="refusing to add to"):
+        tuning.tune(mod, preset, tuning.TuneConfig(trials=tuned_local.trials_total + 2, records_dir=rec, **FAST))
+
+
 @pytest.mark.timeout(60)
 def test_apply_refuses_missing_or_empty_dirs(tiny, tmp_path):
     mod, preset, _, _ = tiny
@@ -366,7 +388,7 @@ _TUNE_SCRIPT = textwrap.dedent("""
     import json, logging, sys
     from pathlib import Path
     import tvm
-    from tvmshuffle import targets, tuning
+    from tvmshuffle import pipeline, runtime, targets, tuning
     logging.basicConfig(level=logging.INFO)
     mod = tvm.ir.load_json(Path(sys.argv[1]).read_text())
     config = tuning.TuneConfig(trials=int(sys.argv[3]), records_dir=Path(sys.argv[2]),

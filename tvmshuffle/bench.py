@@ -55,6 +55,8 @@ class BenchConfig:
     rpc_key: str | None = None
     #: RPC: seconds a remote step may go without an answer (``--rpc-timeout``)
     rpc_timeout: float = 120.0
+    #: apply records tuned on another CPU of the same ISA (else set aside, with a note)
+    force_records: bool = False
 
 
 @dataclass
@@ -233,7 +235,8 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
     try:
-        executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, "hand" if hand else "default")
+        executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, "hand" if hand else "default",
+                                                                 config.force_records)
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
         return row, None

@@ -55,6 +55,7 @@ def cmd_compile(args) -> int:
         weights=args.weights,
         schedules=args.schedules,
         dump_code=parse_dump_code(args.dump_code or ()),
+        force_records=args.force_records,
     )
     result = compile_model(args.model, Path(args.output), config)
     tuned = f", {result.tuned_kernels} with tuned schedules" if config.tuning_records else ""
@@ -182,7 +183,7 @@ def cmd_bench(args) -> int:
         target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rounds=args.rounds,
-        rpc_timeout=args.rpc_timeout,
+        rpc_timeout=args.rpc_timeout, force_records=args.force_records,
     )
     report = bench.bench(args.model, config)
     print(bench.markdown(report))
@@ -209,7 +210,7 @@ def cmd_profile(args) -> int:
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
-        schedules=args.schedules)
+        schedules=args.schedules, force_records=args.force_records)
     model = args.model
     if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
         model, config = pipeline.compiled_from(Path(model))
@@ -322,6 +323,12 @@ def _add_rpc_args(p, what: str) -> None:
                         f"(default {DEFAULT_RPC_TIMEOUT:g})")
 
 
+def _add_force_records_arg(p) -> None:
+    p.add_argument("--force-records", action="store_true",
+                   help="apply records tuned on another CPU of the same ISA (by default they are set "
+                        "aside with a note: tuning records belong to the CPU that measured them)")
+
+
 def _add_schedules_arg(p) -> None:
     p.add_argument("--schedules", default="default", metavar="default|hand|DIR",
                    help="schedules for the fused shuffle+conv kernels: hand = schedules/ (over tuning "
@@ -344,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .so")
     p.add_argument("--no-fuse", action="store_true", help="leave channel shuffles as they are")
     p.add_argument("--tuning-records", help="MetaSchedule records dir (tuning_logs/<target>/<model>)")
+    _add_force_records_arg(p)
     _add_schedules_arg(p)
     p.add_argument("--cross-compiler", help="linker command for the .so (overrides the preset's)")
     p.add_argument("--dump-code", action="append", metavar="asm|tir|relax",
@@ -403,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
     p.add_argument("--tuning-records", help="records dir of the fused model (<dir>-unfused beside it) or a "
                                             "root like tuning_logs/ (default: the shipped records)")
+    _add_force_records_arg(p)
     p.add_argument("--threads", type=int, help="threads for TVM, PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
     p.add_argument("--rounds", type=int, default=1,
@@ -418,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state_dict for a zoo model")
     p.add_argument("--target", default="host", help="target preset or TVM target JSON (a device's with --rpc-…)")
     p.add_argument("--tuning-records", help="records dir to compile the model with")
+    _add_force_records_arg(p)
     p.add_argument("--no-fuse", action="store_true", help="profile the unfused build")
     _add_schedules_arg(p)
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")

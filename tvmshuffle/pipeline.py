@@ -46,6 +46,8 @@ class CompileConfig:
     weights: str | None = None
     #: "default" (tuned or MetaSchedule-less), "hand" (schedules/) or a directory of schedules
     schedules: str = "default"
+    #: apply records tuned on another CPU of the same ISA (else they are set aside with a note)
+    force_records: bool = False
     #: what to write beside the library (:data:`DUMP_SUFFIXES`): "asm", "tir", "relax"
     dump_code: tuple[str, ...] = ()
 
@@ -92,14 +94,15 @@ def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
 
 
 def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
-             schedule_source: str = "default"):
+             schedule_source: str = "default", force_records: bool = False):
     """Phase 4a: schedule the kernels. Returns (module, tuned kernels, hand-scheduled kernels).
 
     Hand schedules (if asked) go first, so they win over tuning records for the fused
     kernels; the records schedule the rest. A schedule may repack a weight in a block marked
     ``meta_schedule.layout_rewrite_preproc``; ``SplitLayoutRewritePreproc`` + ``FoldConstant``
     move that repacking into the constant weights, so it is done once, at compile time (the
-    kernel is then called ``<name>_prepacked``).
+    kernel is then called ``<name>_prepacked``). Records tuned on another CPU are set aside
+    with a note unless ``force_records`` (:func:`tvmshuffle.tuning.check_records`).
     """
     import tvm
     from tvm import relax
@@ -112,7 +115,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     if tuning_records is not None:
         from . import tuning
 
-        mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records))
+        mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records), force_records)
     with targets.tvm_target(preset):
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
@@ -135,9 +138,9 @@ def codegen(mod, preset: targets.TargetPreset):
 
 
 def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
-          schedule_source: str = "default"):
+          schedule_source: str = "default", force_records: bool = False):
     """Phase 4: :func:`schedule` + :func:`codegen`. Returns (executable, tuned, hand-scheduled)."""
-    mod, tuned, hand = schedule(mod, preset, tuning_records, schedule_source)
+    mod, tuned, hand = schedule(mod, preset, tuning_records, schedule_source, force_records)
     return codegen(mod, preset), tuned, hand
 
 
@@ -295,10 +298,12 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     writable_output(output, "-o")  # and if it cannot be written (e.g. below a regular file)
     preset = targets.resolve(config.target, config.cross_compiler)
     targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
-    if config.tuning_records is not None:
+    records = config.tuning_records
+    if records is not None:
         from . import tuning
 
-        tuning.check_records(Path(config.tuning_records), preset)  # and if the records do not fit
+        # and if the records do not fit; another CPU's are set aside here, with a note
+        records = records if tuning.check_records(Path(records), preset, config.force_records) else None
     if config.schedules != "default":
         from . import schedules
 
@@ -308,7 +313,7 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
     mod = lower(imported.mod, preset, fuse=config.fuse)
-    mod, tuned, hand = schedule(mod, preset, config.tuning_records, config.schedules)
+    mod, tuned, hand = schedule(mod, preset, records, config.schedules, force_records=True)
     executable = codegen(mod, preset)
     path = export(executable, preset, output)
     write_metadata(path, model, config, preset, imported, mod)

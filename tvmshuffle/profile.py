@@ -111,7 +111,7 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
     preset = targets.resolve(config.target, config.cross_compiler)
     imported = frontend.load(model, config.input_shape, config.weights)
     mod = pipeline.lower(imported.mod, preset, fuse=config.fuse)
-    mod, _, _ = pipeline.schedule(mod, preset, config.tuning_records, config.schedules)
+    mod, _, _ = pipeline.schedule(mod, preset, config.tuning_records, config.schedules, config.force_records)
     executable = pipeline.codegen(mod, preset)
     kernels_list = kernels.list_kernels(mod)
     with tempfile.TemporaryDirectory() as tmp, \

@@ -216,8 +216,35 @@ def _read_target_json(records_dir: Path) -> dict | None:
         raise UserError(f"{path}: unreadable target record ({err})") from None
 
 
-def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str) -> None:
-    """Refuse records tuned for another target than ``preset``'s (UserError)."""
+def _isa(target: dict, stored: dict | None = None) -> str:
+    """The vector ISA a target's code uses ("avx2", "neon", or its triple): recorded in
+    target.json; for older records, read from the triple (no triple: the shipped x86 records)."""
+    if stored and stored.get("isa"):
+        return stored["isa"]
+    triple = str(target.get("mtriple", "")) or "x86_64"
+    if triple.startswith(("aarch64", "arm64")):
+        return "neon"
+    return "avx2" if triple.startswith(("x86_64", "amd64", "i686")) else triple
+
+
+def _preset_isa(preset: targets.TargetPreset) -> str:
+    from . import schedules
+
+    try:
+        return schedules.isa_for(preset).name
+    except UserError:  # an ISA with no hand schedules
+        return _isa(_target_dict(preset))
+
+
+def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
+                  force: bool = False) -> bool:
+    """Whether records in ``records_dir`` may be used for ``preset``.
+
+    Records of another ISA, or of another target when adding to them, are refused
+    (UserError). Records of another CPU of the same ISA (another ``-mcpu``) are set aside
+    with a note (False): tuning records belong to the CPU that measured them; the hand
+    schedules serve instead. ``force`` applies them anyway.
+    """
     stored = _read_target_json(records_dir)
     current = _target_dict(preset)
     if stored is None:
@@ -227,22 +254,35 @@ def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str)
         )
     theirs = stored["target"]
     if _codegen_part(theirs) != _codegen_part(current):
-        raise UserError(
-            f"{records_dir}: records were tuned for target {stored.get('preset', '?')} "
-            f"{_target_text(_codegen_part(theirs))}, not for {preset.name} "
-            f"{_target_text(_codegen_part(current))}; refusing to {purpose} them "
-            "(MetaSchedule's database is not target-aware, apache/tvm#15549)"
-        )
+        other_cpu_only = (purpose == "apply" and _isa(theirs, stored) == _preset_isa(preset)
+                          and _codegen_part({**theirs, "mcpu": None}) == _codegen_part({**current, "mcpu": None}))
+        if not other_cpu_only:
+            raise UserError(
+                f"{records_dir}: records were tuned for target {stored.get('preset', '?')} "
+                f"{_target_text(_codegen_part(theirs))}, not for {preset.name} "
+                f"{_target_text(_codegen_part(current))}; refusing to {purpose} them "
+                "(MetaSchedule's database is not target-aware, apache/tvm#15549)"
+            )
+        cpus = f"tuned on {theirs.get('mcpu', 'generic')}, this CPU is {current.get('mcpu', 'generic')}"
+        if force:
+            log.warning("%s: records %s; applying them anyway (--force-records)", _shipped.display(records_dir), cpus)
+            return True
+        log.warning("%s: records %s: set aside, they belong to the CPU that measured them (tune for this CPU: "
+                    "tvmshuffle tune MODEL --target %s --trials 400; or --force-records)",
+                    _shipped.display(records_dir), cpus, preset.name)
+        return False
     for key in _NON_CODEGEN_KEYS:
         if theirs.get(key) != current.get(key):
             log.warning("%s: records tuned with %s=%s, now %s=%s", records_dir, key,
                         theirs.get(key), key, current.get(key))
+    return True
 
 
 def _write_target_json(records_dir: Path, preset: targets.TargetPreset) -> None:
     import tvm
 
-    data = {"preset": preset.name, "target": _target_dict(preset), "tvm": tvm.__version__}
+    data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
+            "tvm": tvm.__version__}
     _atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -338,8 +378,9 @@ def _has_database(records_dir: Path) -> bool:
 # applying records at build time
 
 
-def check_records(records_dir: Path, preset: targets.TargetPreset) -> None:
-    """UserError unless ``records_dir`` holds a tuning database for ``preset``'s target."""
+def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> bool:
+    """UserError unless ``records_dir`` holds a tuning database for ``preset``'s ISA; False
+    (with a note) if it was tuned on another CPU and ``force`` is not set: see :func:`_check_target`."""
     records_dir = Path(records_dir)
     if not records_dir.is_dir():
         raise UserError(f"--tuning-records {records_dir}: no such directory")
@@ -348,20 +389,22 @@ def check_records(records_dir: Path, preset: targets.TargetPreset) -> None:
             f"--tuning-records {records_dir}: no tuning database there "
             f"({WORKLOAD_FILE}, {RECORD_FILE}); run `tvmshuffle tune` first"
         )
-    _check_target(records_dir, preset, "apply")
+    return _check_target(records_dir, preset, "apply", force)
 
 
-def apply_records(mod, preset: targets.TargetPreset, records_dir: Path):
+def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
     """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
 
     Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
-    records dir that does not exist, has no database, or was tuned for another target.
+    records dir that does not exist, has no database, or was tuned for another ISA; records
+    of another CPU are set aside (0 tuned) unless ``force``.
     """
     import tvm
     from tvm import relax
 
     records_dir = Path(records_dir)
-    check_records(records_dir, preset)
+    if not check_records(records_dir, preset, force):
+        return mod, 0
     db_dir = _repair_database_files(records_dir, in_place=False)
     try:
         database = _open_database(db_dir, records_dir)  # reads the files, writes nothing
