@@ -104,6 +104,27 @@ def test_model_runs_on_emulated_device_like_pytorch(emu_device, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.rpc
+@pytest.mark.timeout(600)
+def test_consecutive_sessions_never_hang(emu_device, tmp_path):
+    """Each session of the emulated server starts in a child forked by its forkserver (a fork of
+    the multithreaded server under qemu-user could deadlock): 12 sessions in a row, each bounded."""
+    from tvmshuffle.pipeline import CompileConfig, compile_model
+
+    tracker, _, _ = emu_device
+    compiled = compile_model("shufflenet_v1_g3_x0_25", tmp_path / "small-aarch64.so",
+                             CompileConfig(target="aarch64", input_shape=SHAPE))
+    x = compiled.model.random_input()
+    expected = compiled.model.reference(x)
+    for _ in range(12):
+        with remote.Session(tracker, KEY, timeout=60) as session:
+            out = session.run(session.load_vm(compiled.output), x)
+        assert float(np.abs(out - expected).max()) <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    status = device.status(tracker_port=emu_device[1])
+    assert status["queue"][KEY]["free"] == 1  # the device is free again after every session
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("model", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
 def test_neon_hand_schedules_run_on_the_device_like_pytorch(emu_device, tmp_path, model):
