@@ -58,10 +58,13 @@ demo: venv cross
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-aarch64.so --input $(OUT)/input.npy --rpc-tracker $(TRACKER) --rpc-key emu-aarch64 --repeat 3 --print-time
 	$(BIN)/tvmshuffle device down
 
-# Every test, on one xdist worker per core (a module with module-scoped fixtures stays on one
-# worker, see its xdist_group), and the 10 slowest named at the end: a regression shows.
+# Every test: first all but the emulated device's, on one xdist worker per core (a module with
+# module-scoped fixtures stays on one worker, see its xdist_group), then the emulated device's
+# alone (its tracker was killed at start when it ran beside the parallel tests: not yet
+# understood); each names its 10 slowest tests. Exit 5 (nothing selected) is not a failure.
 test: venv cross
-	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=10 --ignore=tests/test_device.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=10 tests/test_device.py $(PYTEST_ARGS) || [ $$? = 5 ]
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -597,7 +597,7 @@ def _check_fused_and_equal(mod, model, x, shuffles):
     """``shuffles`` permute_dims before the pass, none after; outputs equal to PyTorch."""
     assert _count_calls(mod, "relax.permute_dims") == shuffles
     fused = FuseShuffleGroupConv()(mod)
-    relax.analysis.well_formed(fused)
+    assert relax.analysis.check_well_formed(fused)  # (well_formed raises; this answers)
     assert _count_calls(fused, "relax.permute_dims") == 0
     assert "shuffle_group_conv2d" in [gv.name_hint for gv in fused.get_global_vars()]
     lowered, out = _lower_and_run(mod, x)

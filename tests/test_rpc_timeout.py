@@ -93,3 +93,26 @@ def test_rpc_timeout_must_be_positive(tmp_path):
     proc = tvmshuffle("run", tmp_path / "x.so", "--input", tmp_path / "x.npy", "--rpc-tracker", "127.0.0.1:9",
                       "--rpc-key", "k", "--rpc-timeout", 0)
     assert proc.returncode == 2 and "--rpc-timeout must be > 0" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(400)
+def test_tune_on_a_frozen_device_keeps_records(own_rpc_env, tmp_path):
+    """The device's fault: tuning stops within the bound, says what it kept, resumes later."""
+    records = tmp_path / "records"
+    args = ["tune", SMALL, "--input-shape", SHAPE_FLAG, "--trials-per-batch", 2, "--timeout", 30,
+            "--tuning-records", records, *rpc(own_rpc_env)]
+    proc = tvmshuffle(*args, "--trials", 2)  # the device answers: records measured on it
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = (records / "database_tuning_record.json").read_text().count("\n")
+    assert kept >= 2
+    own_rpc_env.stop_server()
+    start = time.monotonic()
+    proc = tvmshuffle(*args, "--trials", kept + 4)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = [ln for ln in proc.stderr.splitlines() if ln.startswith("tvmshuffle: error:")][-1]
+    assert own_rpc_env.key in last and "records so far kept" in last, last
+    assert time.monotonic() - start < 180  # the bound (5 s a session, 30 s a candidate), not forever
+    assert (records / "database_tuning_record.json").read_text().count("\n") >= kept

@@ -235,7 +235,7 @@ def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
     np.save(tmp_path / "x.npy", x)
     proc = _cli("run", str(library), "--input", str(tmp_path / "x.npy"))  # checks against PyTorch
     assert proc.returncode == 0, proc.stderr
-    assert "matches" in proc.stdout.lower() or "max" in proc.stdout.lower(), proc.stdout
+    assert "-> OK" in proc.stdout, proc.stdout  # the check against PyTorch passed
 
 
 def test_compile_rejects_a_bad_schedules_flag(tmp_path):

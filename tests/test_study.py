@@ -1,7 +1,6 @@
 """tvmshuffle study: fused layers found and named, three schedules checked then timed, peak,
 bandwidth and roofline computed, markdown + JSON + PNG written, tuning resumable."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,6 @@ ROW_KEYS = {"layer", "kind", "schedule", "status", "ms", "gflops", "peak_fractio
             "roofline_fraction", "models", "calls", "note"}
 
 #: hand schedules there (tvmshuffle.schedules): their rows must be "ok"; else they say "no hand schedule"
-HAVE_HAND = importlib.util.find_spec("tvmshuffle.schedules") is not None
 
 
 def small_config(**kwargs) -> study.StudyConfig:
@@ -72,11 +70,8 @@ def test_study_of_a_pointwise_and_a_depthwise_layer(two_kinds, tmp_path):
     for layer in two_kinds:
         default, hand, tuned = (rows[layer.layer, s] for s in study.SCHEDULES)
         assert default.status == "ok", default
-        if HAVE_HAND:
-            assert hand.status == "ok", (layer.kind, hand.status, hand.note)
-            assert hand.max_error <= 1e-4
-        else:
-            assert hand.status == "missing" and "no hand schedule" in hand.note
+        assert hand.status == "ok", (layer.kind, hand.status, hand.note)
+        assert hand.max_error <= 1e-4
         # no records in an empty root: missing, and the row says where it looked
         assert tuned.status == "missing" and tuned.ms is None and str(empty_root) in tuned.note
     for row in report.rows:
@@ -225,6 +220,5 @@ def test_study_on_an_rpc_device(two_kinds, rpc_env, tmp_path):
     rows = {(r.layer, r.schedule): r for r in report.rows}
     for layer in two_kinds:
         assert rows[layer.layer, "default"].status == "ok"
-        if HAVE_HAND:
-            assert rows[layer.layer, "hand"].status == "ok", rows[layer.layer, "hand"].note
+        assert rows[layer.layer, "hand"].status == "ok", rows[layer.layer, "hand"].note
     assert all(r.gflops > 0 and r.ms > 0 for r in report.rows if r.status == "ok")

@@ -147,7 +147,7 @@ def cmd_tune(args) -> int:
                                  ("runner_timeout_sec", args.timeout)) if v is not None}
     config = tuning.TuneConfig(trials=args.trials, records_dir=Path(args.tuning_records or "."),
                                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-                               trials_per_batch=args.trials_per_batch,
+                               device_wait_sec=args.rpc_timeout, trials_per_batch=args.trials_per_batch,
                                seed_schedules=args.seed_schedules, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
@@ -313,14 +313,15 @@ def _add_model_args(p) -> None:
     p.add_argument("--weights", help="state_dict file for a zoo model (default: random init, seed 0)")
 
 
-def _add_rpc_args(p, what: str) -> None:
+def _add_rpc_args(p, what: str, timeout: float | None = None) -> None:
     from .remote import DEFAULT_RPC_TIMEOUT
 
+    timeout = timeout or DEFAULT_RPC_TIMEOUT
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help=f"a TVM RPC tracker: {what}")
     p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
-    p.add_argument("--rpc-timeout", type=float, default=DEFAULT_RPC_TIMEOUT, metavar="SECONDS",
-                   help="give up on a device that answers nothing for this long in one step "
-                        f"(default {DEFAULT_RPC_TIMEOUT:g})")
+    p.add_argument("--rpc-timeout", type=float, default=timeout, metavar="SECONDS",
+                   help="give up on a device that answers nothing (or is not free) for this long "
+                        f"in one step (default {timeout:g})")
 
 
 def _add_force_records_arg(p) -> None:
@@ -389,8 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
     p.add_argument("--trials", type=int, required=True, help="trial budget for the records (resumes: trials there count)")
-    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the device there")
-    p.add_argument("--rpc-key", help="device key at the tracker (e.g. emu-aarch64)")
+    _add_rpc_args(p, "measure on the device there", timeout=300.0)
     p.add_argument("--tuning-records", help="records dir (default tuning_logs/<target>/<model>[-unfused])")
     p.add_argument("--no-fuse", action="store_true", help="tune the unfused module (for comparison)")
     p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")

@@ -284,43 +284,6 @@ def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
     return mod, len(updates)
 
 
-@dataclass
-class Standalone:
-    """A scheduled kernel split from its weight repacking, to time it alone as the model runs it.
-
-    In a model the ``meta_schedule.layout_rewrite_preproc`` block is split off and folded into
-    the constant weights at compile time; here ``prepack`` (None if there is none) maps the
-    weight argument ``weight_index`` to the layout ``kernel`` takes.
-    """
-
-    kernel: object  # tirx.PrimFunc
-    prepack: object | None = None  # tirx.PrimFunc: (weight) -> packed weight
-    weight_index: int | None = None
-    packed_shape: list[int] | None = None
-
-
-def standalone(func) -> Standalone:
-    """Split a (hand-)scheduled PrimFunc's weight prepacking off, as the model build does."""
-    from tvm import relax
-
-    shapes = [[int(d) for d in p.shape] for p in func.params]
-    params = [relax.Var(f"arg{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes[:-1])]
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        gv = bb.add_func(func, "layer")
-        out = bb.emit(relax.call_tir(gv, params, relax.TensorType(shapes[-1], "float32")))
-        bb.emit_func_output(out)
-    mod = relax.transform.SplitLayoutRewritePreproc()(bb.get())
-    calls = [b.value for b in mod["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)
-             and b.value.op.name == "relax.call_tir"]
-    if len(calls) == 1:
-        return Standalone(func)
-    prepack_call, kernel_call = calls
-    weight_index = next(i for i, p in enumerate(params) if p.same_as(prepack_call.args[1].fields[0]))
-    packed_shape = [int(d) for d in prepack_call.ty.shape]
-    return Standalone(mod[kernel_call.args[0]], mod[prepack_call.args[0]], weight_index, packed_shape)
-
-
 # --------------------------------------------------------------------------- MetaSchedule
 
 

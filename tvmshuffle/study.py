@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 #: the fused operator's compute block and its zero border stage (part of it, not an epilogue)
 CONV_BLOCK, PAD_BLOCK = schedules.CONV_BLOCK, schedules.PAD_BLOCK
 SCHEDULES = ("default", "hand", "tuned")
-KINDS = ("pointwise", "depthwise", "other")
 #: ``<records root>/<target>/study``: where the study's tuning records live
 STUDY_RECORDS = "study"
 FAMILIES = ("shufflenet_v1", "shufflenet_v2")
@@ -788,12 +787,6 @@ def _build(func, preset: targets.TargetPreset):
 
 def _hand(func, preset: targets.TargetPreset) -> tuple[object | None, str, str]:
     """(hand-scheduled func or None, note, status when None)."""
-    try:
-        from . import schedules
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.schedules":
-            raise
-        return None, "no hand schedule (tvmshuffle.schedules is not there)", "missing"
     try:
         scheduled = schedules.schedule_primfunc(func, preset, source="hand")
     except UserError as err:  # a schedule that fits but fails: this row's error, not the study's

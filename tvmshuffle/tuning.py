@@ -93,7 +93,8 @@ class TuneConfig:
     runner_timeout_sec: float = 60.0
     #: RPC: the server ends a session after this long; also the bound to reach the tracker
     session_timeout_sec: float = 60.0
-    #: RPC: how long to wait for a free device with ``rpc_key``
+    #: RPC: how long a device may answer nothing, or be busy, before it counts as gone
+    #: (``--rpc-timeout``): a batch measured on it fails, its records so far are kept
     device_wait_sec: float = 300.0
     #: measurement (MetaSchedule's ``EvaluatorConfig``; ``--number``, ``--repeat``,
     #: ``--min-repeat-ms``): mean of ``number`` runs, ``repeat`` times, each repeat ≥
@@ -133,6 +134,8 @@ class TuneConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
                 raise UserError(f"--timeout ({name}) must be > 0 seconds, got {value!r}")
+        if not self.device_wait_sec > 0:
+            raise UserError(f"--rpc-timeout must be > 0 seconds, got {self.device_wait_sec:g}")
 
 
 @dataclass
@@ -1102,7 +1105,14 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
             )
         except BaseException as err:  # MetaSchedule hands exceptions back wrapped or not
             if tracker.failure is not None:
-                raise UserError(f"{tracker.failure} (records so far kept in {records_dir})") from None
+                where = ""
+                if config.rpc_tracker is not None:  # name the device (and its log, for an emulated one)
+                    from .remote import server_log_hint
+
+                    where = (f" on device {config.rpc_key!r} via {config.rpc_tracker} (--rpc-timeout "
+                             f"{config.device_wait_sec:g}; {server_log_hint(config.rpc_key, config.rpc_tracker)})")
+                raise UserError(f"{tracker.failure}{where} (records so far kept in {records_dir}; "
+                                "rerun to resume)") from None
             if tracker.interrupted.is_set() or isinstance(err, KeyboardInterrupt):
                 log.warning("interrupted: the %d trials measured are kept in %s; rerun to resume",
                             len(database), records_dir)
