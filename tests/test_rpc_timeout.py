@@ -60,32 +60,22 @@ def test_run_on_a_frozen_device(own_rpc_env, small_host_library, tmp_path):
     assert_timed_out(proc, own_rpc_env, "waiting for a session")
 
 
-@pytest.mark.slow
-@pytest.mark.rpc
-@pytest.mark.timeout(300)
-def test_bench_on_a_frozen_device(own_rpc_env, tmp_path):
-    own_rpc_env.stop_server()
-    proc = tvmshuffle("bench", SMALL, "--input-shape", SHAPE_FLAG, "--repeat", 1, "--threads", 1,
-                      "--tuning-records", tmp_path / "none", *rpc(own_rpc_env))
-    assert_timed_out(proc, own_rpc_env, "waiting for a session")
+#: each command that compiles the model, then goes to the device (its flags besides --rpc-*)
+COMPILING_COMMANDS = {
+    "bench": lambda tmp: ["bench", SMALL, "--input-shape", SHAPE_FLAG, "--repeat", 1, "--threads", 1,
+                          "--tuning-records", tmp / "none"],
+    "profile": lambda tmp: ["profile", SMALL, "--input-shape", SHAPE_FLAG],
+    "study": lambda tmp: ["study", "--model", SMALL, "--input-shape", SHAPE_FLAG, "--limit", 1, "-o", tmp / "study"],
+}
 
 
 @pytest.mark.slow
 @pytest.mark.rpc
 @pytest.mark.timeout(300)
-def test_profile_on_a_frozen_device(own_rpc_env):
+@pytest.mark.parametrize("command", sorted(COMPILING_COMMANDS))
+def test_compiling_command_on_a_frozen_device(own_rpc_env, tmp_path, command):
     own_rpc_env.stop_server()
-    proc = tvmshuffle("profile", SMALL, "--input-shape", SHAPE_FLAG, *rpc(own_rpc_env))
-    assert_timed_out(proc, own_rpc_env, "waiting for a session")
-
-
-@pytest.mark.slow
-@pytest.mark.rpc
-@pytest.mark.timeout(300)
-def test_study_on_a_frozen_device(own_rpc_env, tmp_path):
-    own_rpc_env.stop_server()
-    proc = tvmshuffle("study", "--model", SMALL, "--input-shape", SHAPE_FLAG, "--limit", 1,
-                      "-o", tmp_path / "study", *rpc(own_rpc_env))
+    proc = tvmshuffle(*COMPILING_COMMANDS[command](tmp_path), *rpc(own_rpc_env))
     assert_timed_out(proc, own_rpc_env, "waiting for a session")
 
 
