@@ -313,7 +313,7 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
     mod = lower(imported.mod, preset, fuse=config.fuse)
-    mod, tuned, hand = schedule(mod, preset, records, config.schedules, force_records=True)
+    mod, tuned, hand = schedule(mod, preset, records, config.schedules, config.force_records)
     executable = codegen(mod, preset)
     path = export(executable, preset, output)
     write_metadata(path, model, config, preset, imported, mod)

@@ -245,8 +245,8 @@ def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
 
     Records of another ISA, or of another target when adding to them, are refused
     (UserError). Records of another CPU of the same ISA (another ``-mcpu``) are set aside
-    with a note (False): tuning records belong to the CPU that measured them; the hand
-    schedules serve instead. ``force`` applies them anyway.
+    with a note (False): tuning records belong to the CPU that measured them. ``force``
+    applies them anyway.
     """
     stored = _read_target_json(records_dir)
     current = _target_dict(preset)
