@@ -362,6 +362,7 @@ def test_run_bad_new_flags(tmp_path, args, needle):
     (("--timeout", "-5"), "--timeout"),
     (("--timeout", "0"), "--timeout"),
     (("--number", "two"), "--number"),
+    (("--search-population", "0"), "--search-population"),
 ])
 def test_tune_bad_measurement_flags(tmp_path, args, needle):
     proc = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--tuning-records", tmp_path / "r", *args)

@@ -159,6 +159,9 @@ def tvmshuffle(*args, timeout=900):
 
 SMALL = "shufflenet_v1_g3_x0_25"
 SHAPE_FLAG = ",".join(map(str, SHAPE))
+#: tuning with the fewest candidates and runs that still measure on the device (the search
+#: itself, not the device, took most of these tests' time with MetaSchedule's population of 512)
+QUICK_SEARCH = ["--search-population", 32, "--number", 1, "--min-repeat-ms", 0]
 
 
 @pytest.mark.slow
@@ -170,7 +173,7 @@ def test_phone_flow_tune_compile_run(emu_device, tmp_path):
     records = tmp_path / "records"
     rpc = ["--rpc-tracker", tracker, "--rpc-key", KEY]
     proc = tvmshuffle("tune", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", *rpc,
-                      "--trials", 8, "--trials-per-batch", 4, "--tuning-records", records)
+                      "--trials", 8, "--trials-per-batch", 4, *QUICK_SEARCH, "--tuning-records", records)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "EMULATED" in proc.stdout  # the estimate is labelled, never an ARM latency
     assert json.loads((records / "target.json").read_text())["preset"] == "aarch64"
@@ -205,29 +208,53 @@ def test_profile_on_the_device(emu_device, tmp_path):
     assert abs(result["kernels_ms"] - result["total_ms"]) <= 0.25 * result["total_ms"]
 
 
+@pytest.fixture(scope="module")
+def unit_model(tmp_path_factory):
+    """One ShuffleNet V1 unit (grouped 1x1, shuffle + depthwise 3x3, grouped 1x1 + residual) as a
+    ``.pt2`` file: 3 kernels to tune where a zoo model has 28, so a tuning round takes seconds."""
+    import torch
+
+    from tvmshuffle.models.shufflenet_v1 import ShuffleUnitV1
+
+    torch.manual_seed(0)
+    unit = ShuffleUnitV1(24, 24, stride=1, groups=3, first_groups=3).eval()
+    path = tmp_path_factory.mktemp("unit") / "shuffle_unit_v1.pt2"
+    torch.export.save(torch.export.export(unit, (torch.randn(*UNIT_SHAPE),)), path)
+    return path
+
+
+UNIT_SHAPE = (1, 24, 16, 16)
+
+
 @pytest.mark.slow
 @pytest.mark.rpc
-@pytest.mark.timeout(1800)
-def test_device_killed_mid_tune_keeps_records_and_resumes(emu_device, tmp_path):
+@pytest.mark.timeout(1200)
+def test_device_killed_mid_tune_keeps_records_and_resumes(emu_device, unit_model, tmp_path):
     tracker, port, _ = emu_device
     records = tmp_path / "records"
     record_file = records / "database_tuning_record.json"
-    args = ["tune", SMALL, "--input-shape", SHAPE_FLAG, "--target", "aarch64", "--rpc-tracker", tracker,
-            "--rpc-key", KEY, "--trials-per-batch", 2, "--tuning-records", records]
-    tune = subprocess.Popen([sys.executable, "-m", "tvmshuffle", *map(str, args), "--trials", "200"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["tune", unit_model, "--input-shape", ",".join(map(str, UNIT_SHAPE)), "--target", "aarch64",
+            "--rpc-tracker", tracker, "--rpc-key", KEY, "--trials-per-batch", 2, *QUICK_SEARCH,
+            "--rpc-timeout", 30,  # a request already waiting for the device when it drops: 30 s, not 300
+            "--tuning-records", records]
+    log = tmp_path / "tune.log"  # a file, not a pipe nobody reads while waiting (it would fill and block)
+    with open(log, "w") as out:
+        tune = subprocess.Popen([sys.executable, "-m", "tvmshuffle", *map(str, args), "--trials", "200"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + 600
         while not (record_file.exists() and record_file.read_text().count("\n") >= 2):
-            assert tune.poll() is None, tune.communicate()[1][-2000:]
+            assert tune.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "no records measured on the device in time"
             time.sleep(1)
+        assert tune.poll() is None, "the tune ended before the device was killed: budget too small"
         server_pid = device.status(tracker_port=port)["pids"][f"server:{KEY}"]["pid"]
         os.killpg(server_pid, signal.SIGKILL)  # the device drops
-        _, err = tune.communicate(timeout=600)  # ends by itself: no silent hang
+        tune.wait(timeout=600)  # ends by itself: no silent hang
     finally:
         if tune.poll() is None:
             tune.kill()
+    err = log.read_text()
     assert tune.returncode == 2, err[-2000:]
     last = [line for line in err.splitlines() if line.startswith("tvmshuffle: error:")]
     assert last and "records so far kept" in last[-1], err[-2000:]

@@ -92,6 +92,7 @@ def test_tune_on_a_frozen_device_keeps_records(own_rpc_env, tmp_path):
     """The device's fault: tuning stops within the bound, says what it kept, resumes later."""
     records = tmp_path / "records"
     args = ["tune", SMALL, "--input-shape", SHAPE_FLAG, "--trials-per-batch", 2, "--timeout", 30,
+            "--search-population", 32, "--number", 1, "--min-repeat-ms", 0,
             "--tuning-records", records, *rpc(own_rpc_env)]
     proc = tvmshuffle(*args, "--trials", 2)  # the device answers: records measured on it
     assert proc.returncode == 0, proc.stderr[-3000:]

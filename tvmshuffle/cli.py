@@ -143,6 +143,7 @@ def cmd_tune(args) -> int:
     # the flags are checked before the slow import; the records dir may need the model's name
     measure = {k: v for k, v in (("number", args.number), ("repeat", args.repeat),
                                  ("min_repeat_ms", args.min_repeat_ms),
+                                 ("search_population", args.search_population),
                                  ("builder_timeout_sec", args.timeout),
                                  ("runner_timeout_sec", args.timeout)) if v is not None}
     config = tuning.TuneConfig(trials=args.trials, records_dir=Path(args.tuning_records or "."),
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a measurement for at least MS ms, raising --number (default 100)")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="seconds each candidate's build, and its run, may take (default 60)")
+    p.add_argument("--search-population", type=int, metavar="N",
+                   help="candidates the evolutionary search evolves per batch (default 512; "
+                        "smaller is quicker per batch, fine for small budgets)")
     p.add_argument("--seed-schedules", metavar="hand|DIR",
                    help="add the hand schedules (tile sizes left to the search) to MetaSchedule's "
                         "design space of the fused kernels, so tuning starts from them")

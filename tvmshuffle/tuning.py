@@ -105,7 +105,7 @@ class TuneConfig:
     enable_cpu_cache_flush: bool = False
     seed: int | None = 0
     #: evolutionary search population per round (MetaSchedule's default 512; smaller is
-    #: faster per batch and fine for small budgets)
+    #: faster per batch and fine for small budgets) (``--search-population``)
     search_population: int = 512
     #: parallel builds (None: this machine's cores)
     builder_workers: int | None = None
@@ -123,7 +123,8 @@ class TuneConfig:
             raise UserError(f"trials per batch must be ≥ 1, got {self.trials_per_batch}")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise UserError("--rpc-tracker and --rpc-key go together (give both or neither)")
-        for flag, value in (("--number", self.number), ("--repeat", self.repeat)):
+        for flag, value in (("--number", self.number), ("--repeat", self.repeat),
+                            ("--search-population", self.search_population)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{flag} must be an integer ≥ 1, got {value!r}")
         if isinstance(self.min_repeat_ms, bool) or not isinstance(self.min_repeat_ms, (int, float)) \
