@@ -46,9 +46,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``proc`` to exit, without reaping it (so that
+    :func:`kill_group` can still clean up its group safely). True if it has exited."""
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM the process group ``proc`` leads (started with start_new_session=True), then
-    SIGKILL whatever is left after ``grace`` seconds."""
+    SIGKILL whatever is left once the leader has exited or after ``grace`` seconds.
+
+    The leader is reaped only at the end: while it is a zombie its pid, the group's number, is
+    not given to another process. Once ``proc`` has been waited for, that number may belong to
+    a stranger (e.g. a tracker another test just started in its own session), so then nothing is
+    signalled."""
+    if proc.returncode is not None:
+        return
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
@@ -58,18 +76,10 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.kill()
         proc.wait()
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            # the leader is gone; children of the group may linger a moment
-        except subprocess.TimeoutExpired:
-            continue
     try:
-        os.killpg(pgid, signal.SIGKILL)  # stragglers (forked session handlers)
+        os.killpg(pgid, signal.SIGTERM)
+        wait_exit(proc, grace)
+        os.killpg(pgid, signal.SIGKILL)  # the leader if it lingers, and stragglers (forked handlers)
     except ProcessLookupError:
         pass
     proc.wait()

@@ -24,7 +24,7 @@ import pytest
 from tvmshuffle import pipeline, runtime, targets, tuning
 from tvmshuffle.errors import UserError
 
-from conftest import free_port, kill_group
+from conftest import free_port, kill_group, wait_exit
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
 pytestmark = pytest.mark.xdist_group("tuning")
@@ -435,9 +435,9 @@ def test_ctrl_c_and_sigkill_keep_records_and_rerun_resumes(tiny, tmp_path, caplo
     try:
         _wait_for_records(proc, records, 1, tmp_path / "int.log")
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        assert wait_exit(proc, 60), "the tuner did not stop within 60 s of Ctrl-C"
     finally:
-        kill_group(proc)
+        kill_group(proc)  # its workers, if any are left; reaps it
     log = (tmp_path / "int.log").read_text()
     assert proc.returncode != 0 and "KeyboardInterrupt" in log
     assert "are kept in" in log and "rerun to resume" in log

@@ -150,11 +150,7 @@ def export(executable, preset: targets.TargetPreset, output: Path) -> Path:
     if output.suffix != ".so":
         raise UserError(f"-o {output}: the library must end in .so")
     writable_output(output, "-o")
-    fcompile = targets.export_function(preset)
-    if fcompile is None:
-        executable.export_library(str(output))
-    else:
-        executable.export_library(str(output), fcompile=fcompile)
+    targets.export_library(executable, preset, output)
     return output
 
 

@@ -118,8 +118,7 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
             remote.Session(tracker, key, rpc_timeout or remote.DEFAULT_RPC_TIMEOUT) as session:
         full = pipeline.export(executable, preset, Path(tmp) / "model.so")
         only_kernels = Path(tmp) / "kernels.so"
-        fcompile = targets.export_function(preset)
-        kernel_library(executable).export_library(str(only_kernels), **({"fcompile": fcompile} if fcompile else {}))
+        targets.export_library(kernel_library(executable), preset, only_kernels)
         vm = session.load_vm(full)
         library = session.load_module(only_kernels)
         rows = time_kernels(library, kernels_list, session.cpu(), number=number, repeat=repeat, on_kernel=session.step)

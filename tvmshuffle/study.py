@@ -710,7 +710,7 @@ class _RemoteRunner(_Runner):
         self.host, self.port = remote.parse_tracker(config.rpc_tracker)
         self.key = config.rpc_key
         self.emulated = remote.is_emulated_key(self.key)
-        self.fcompile = targets.export_function(preset)  # UserError now if the linker is missing
+        targets.export_function(preset)  # UserError now if the linker is missing
 
     @property
     def where(self) -> str:
@@ -738,10 +738,7 @@ class _RemoteRunner(_Runner):
         """Export the built module itself (remote ``time_evaluator`` finds only root functions)."""
         self.count += 1
         path = self.tmp / f"study_{self.count}.so"
-        if self.fcompile is None:
-            lib.export_library(str(path))
-        else:
-            lib.export_library(str(path), fcompile=self.fcompile)
+        targets.export_library(lib, self.preset, path)
         return self.session.load_module(path)
 
 

@@ -168,6 +168,16 @@ def export_function(preset: TargetPreset):
     return tvm_cc.cross_compiler(cc)
 
 
+def export_library(module, preset: TargetPreset, path) -> None:
+    """Write ``module`` (an executable or a runtime module) as a shared library for ``preset``
+    at ``path``: linked by the preset's cross compiler, or by the host's for the host."""
+    fcompile = export_function(preset)
+    if fcompile is None:
+        module.export_library(str(path))
+    else:
+        module.export_library(str(path), fcompile=fcompile)
+
+
 def host_cpu_name() -> str:
     """This machine's CPU model as /proc/cpuinfo names it (for reports)."""
     import platform
