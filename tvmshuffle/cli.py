@@ -231,8 +231,10 @@ def cmd_profile(args) -> int:
 def cmd_device(args) -> int:
     from . import device
 
+    if args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
     if args.action == "up":
-        info = device.up(key=args.key, tracker_port=args.tracker_port, host=args.host)
+        info = device.up(key=args.key, tracker_port=args.tracker_port, host=args.host, count=args.count)
     elif args.action == "status":
         info = device.status(tracker_port=args.tracker_port, host=args.host)
     else:
@@ -243,6 +245,8 @@ def cmd_device(args) -> int:
         return 0
     print(f"tracker {info['tracker']}: {'up' if info['tracker_up'] else 'down'}")
     print(f"devices registered: {', '.join(info['keys']) or 'none'}")
+    for server in info.get("servers", []):
+        print(f"  {server['key']:<20} {server['address']:<22} {server['state']}")
     for name, pid in info.get("pids", {}).items():
         print(f"  {name}: pid {pid['pid']} {'alive' if pid['alive'] else 'dead'}")
     if info["keys"]:
@@ -439,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])
     p.add_argument("--key", default="emu-aarch64", help="device key (default emu-aarch64)")
+    p.add_argument("--count", type=int, default=1, metavar="N",
+                   help="up: N emulated servers under the key (a farm: tune measures on all at once; default 1)")
     p.add_argument("--tracker-port", type=int, default=9190, help="tracker port (default 9190)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; an RPC server runs any code it is sent)")

@@ -120,6 +120,50 @@ def registered_keys(summary: dict) -> list[str]:
     return sorted(keys)
 
 
+def device_list(summary: dict) -> list[dict]:
+    """Each server registered with the tracker: ``{"key", "address", "state"}``, sorted.
+
+    The tracker counts free servers per key (``queue_info``), it does not say which ones: when
+    all of a key's servers are free (or none is) that decides each one's ``state``; otherwise a
+    server on this machine is ``busy`` while a session is connected to its port, ``free`` if
+    not, and a server elsewhere is ``"free or busy"``.
+    """
+    servers = []
+    for info in summary.get("server_info", []):
+        key = str(info.get("key", ""))
+        if not key.startswith("server:"):
+            continue
+        addr = info.get("addr") or [None, None]
+        servers.append({"key": key.split(":", 1)[1], "host": addr[0], "port": addr[1]})
+    by_key: dict[str, list[dict]] = {}
+    for server in servers:
+        by_key.setdefault(server["key"], []).append(server)
+    for key, group in by_key.items():
+        free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+        if free >= len(group) or free == 0:
+            for server in group:
+                server["state"] = "free" if free else "busy"
+            continue
+        connected = _connected_local_ports()
+        for server in group:
+            if server["host"] in ("127.0.0.1", "localhost", "::1") and connected is not None:
+                server["state"] = "busy" if server["port"] in connected else "free"
+            else:
+                server["state"] = "free or busy"
+    return sorted(({"key": s["key"], "address": f"{s['host']}:{s['port']}", "state": s["state"]}
+                   for s in servers), key=lambda s: (s["key"], s["address"]))
+
+
+def _connected_local_ports() -> set[int] | None:
+    """Local ports of this machine's established TCP connections (None if they cannot be read)."""
+    import psutil
+
+    try:
+        return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED}
+    except (psutil.Error, OSError):
+        return None
+
+
 def request_session(host: str, port: int, key: str, session_timeout: float = 600.0,
                     wait_timeout: float = 300.0, connect_timeout: float = 5.0):
     """An RPC session on a device ``key``; waits at most ``wait_timeout`` s for a free one."""
@@ -155,7 +199,8 @@ def server_log_hint(key: str, tracker: str) -> str:
         from .device import service
 
         _, port = parse_tracker(tracker)
-        return f"server log {service.server_log(key, port)}"
+        logs = service.server_logs(key, port)
+        return f"server log {logs[0]}" if len(logs) == 1 else f"server logs {', '.join(map(str, logs))}"
     return "see the RPC server's own log on the device"
 
 

@@ -527,10 +527,53 @@ def _request_session(rpc_config, device_wait_sec: float):
     return box["session"]
 
 
-def _fail_fast(rpc_runner):
+def _runner_pool(workers: int, config: TuneConfig):
+    """The RPC runner's process pool: ``workers`` candidates measured at once (one session each,
+    the tracker handing each to a free device of the key); each bounded (RPCRunner's own pool
+    has no timeout: a device that hangs or drops would block it forever)."""
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    return PopenPoolExecutor(max_workers=workers, timeout=config.runner_timeout_sec + config.device_wait_sec)
+
+
+def device_count(tracker: str, key: str, timeout: float = 5.0) -> int:
+    """Servers registered under ``key`` at ``tracker`` (busy or free)."""
+    host, port = parse_tracker(tracker)
+    return _key_counts(tracker_summary(host, port, timeout), key)[0]
+
+
+def _resize_runner(rpc_runner, config: TuneConfig) -> None:
+    """Between batches: one runner worker per device registered under the key now (devices
+    come and go). The old pool is retired, not shut down: candidates of a batch still being
+    measured finish in it (:func:`_shutdown_runner` ends it)."""
+    inst = rpc_runner._inst  # noqa: SLF001 - the Python RPCRunner
+    try:
+        devices = device_count(config.rpc_tracker, config.rpc_key)
+    except UserError as err:  # the tracker did not answer this time: keep the pool as it is
+        log.debug("devices not re-read: %s", err)
+        return
+    if devices < 1 or devices == inst.workers:
+        return  # none registered: the sessions say so (the device is gone)
+    log.info("%d device(s) with key %r now: measuring %d candidates at once (was %d)", devices,
+             config.rpc_key, devices, inst.workers)
+    inst.retired_pools.append(inst.pool)
+    inst.pool = _runner_pool(devices, config)
+    inst.workers = devices
+
+
+def _shutdown_runner(rpc_runner) -> None:
+    inst = rpc_runner._inst  # noqa: SLF001
+    for pool in [*inst.retired_pools, inst.pool]:
+        pool.shutdown(wait=False)
+    inst.retired_pools.clear()
+
+
+def _fail_fast(rpc_runner, config: TuneConfig | None = None):
     """Wrap an RPCRunner: once a candidate finds the device gone (left the tracker, busy past
     the wait, or hung past the timeout), the rest of its batch is skipped instead of each
-    waiting out the same timeouts; the batch then counts as failed."""
+    waiting out the same timeouts; the batch then counts as failed. With ``config``, the
+    runner's workers follow the devices registered under the key, re-read before each batch
+    (:func:`_resize_runner`)."""
     from types import SimpleNamespace
 
     from tvm.ir.utils import derived_object
@@ -561,6 +604,8 @@ def _fail_fast(rpc_runner):
             self.inner = inner
 
         def run(self, runner_inputs):
+            if config is not None:
+                _resize_runner(self.inner, config)
             state = SimpleNamespace(dead=None)
             # ``_inst``: the Python RPCRunner (its FFI ``run`` would return plain RunnerFutures)
             return [FailFastFuture(f, state) for f in self.inner._inst.run(runner_inputs)]
@@ -882,16 +927,19 @@ def make_builder(config: TuneConfig, cross_compiler: str | None = None):
     )
 
 
-def make_runner(config: TuneConfig):
+def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = False):
     """MetaSchedule's runner for ``config``: local, or over RPC. Measures as ``config`` says
     (``EvaluatorConfig(number, repeat, min_repeat_ms, enable_cpu_cache_flush)``), each
     candidate bounded by ``runner_timeout_sec`` (``--timeout``; over RPC plus the wait for a
     free device).
 
+    Over RPC, ``workers`` candidates are measured at once, each in its own session (the
+    tracker hands each session to a free device of the key: one worker per device); with
+    ``follow_devices`` the number is re-read from the tracker before each batch.
+
     Returns (the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast).
     """
     from tvm.s_tir import meta_schedule as ms
-    from tvm.support.popen_pool import PopenPoolExecutor
 
     evaluator = ms.runner.EvaluatorConfig(
         number=config.number,
@@ -910,18 +958,18 @@ def make_runner(config: TuneConfig):
         tracker_key=config.rpc_key,
         session_timeout_sec=config.session_timeout_sec,
     )
+    workers = max(1, int(workers))
     runner = ms.runner.RPCRunner(
         rpc_config,
         evaluator,
         f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec),
-        max_workers=1,
+        max_workers=workers,
     )
-    # RPCRunner's pool has no timeout: a device that hangs or drops would block forever.
-    runner.pool.shutdown()
-    runner.pool = PopenPoolExecutor(
-        max_workers=1, timeout=config.runner_timeout_sec + config.device_wait_sec
-    )
-    return runner, _fail_fast(runner)
+    runner.pool.shutdown()  # its pool has no timeout
+    runner.pool = _runner_pool(workers, config)
+    runner.workers = workers
+    runner.retired_pools = []
+    return runner, _fail_fast(runner, config if follow_devices else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1062,7 +1110,12 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
 
     with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
         builder = make_builder(config, cross)
-        runner, ms_runner = make_runner(config)
+        devices = 1
+        if config.rpc_tracker is not None:  # one runner worker per device under the key
+            devices = max(1, device_count(config.rpc_tracker, config.rpc_key))
+            log.info("%d device(s) with key %r at %s: measuring up to %d candidates at once",
+                     devices, config.rpc_key, config.rpc_tracker, devices)
+        runner, ms_runner = make_runner(config, devices, follow_devices=True)
         for i in seeded:  # measure the hand schedule first: the search starts from its record
             if stats[i].trials == 0:
                 _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
@@ -1123,6 +1176,6 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
                 signal.signal(signal.SIGINT, previous)
             tracker.bar.close()
             tracker.bar = None
-            if runner is not ms_runner:  # RPC: the pool we made (LocalRunner's dies with it)
-                runner.pool.shutdown(wait=False)
+            if runner is not ms_runner:  # RPC: the pools we made (LocalRunner's dies with it)
+                _shutdown_runner(runner)
     return tracker
