@@ -119,10 +119,10 @@ def _wait_for_key(host: str, port: int, key: str, procs, timeout: float, free: i
 
 
 @contextmanager
-def rpc_tracker_and_server(log_dir: Path, key: str, servers: int = 1):
+def rpc_tracker_and_server(log_dir: Path, key: str, servers: int = 1, server_env: dict | None = None):
     """``python -m tvm.exec.rpc_tracker`` + ``servers`` × ``python -m tvm.exec.rpc_server``
-    under ``key``, on 127.0.0.1 (free ports, each in its own process group, killed as a group
-    at the end)."""
+    under ``key`` (``server_env``: more environment for the servers), on 127.0.0.1 (free ports,
+    each in its own process group, killed as a group at the end)."""
     host = "127.0.0.1"
     tracker_port = free_port()
     procs: list[tuple[str, subprocess.Popen]] = []
@@ -144,7 +144,7 @@ def rpc_tracker_and_server(log_dir: Path, key: str, servers: int = 1):
                      "--port", str(server_port), "--port-end", str(server_port + 1),
                      "--tracker", f"{host}:{tracker_port}", "--key", key],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env=env,
+                    start_new_session=True, env={**env, **(server_env or {})},
                 )))
         _wait_for_key(host, tracker_port, key, procs, timeout=60.0, free=servers)
         yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir, procs[1][1].pid, tuple(logs))

@@ -386,15 +386,17 @@ def test_tune_over_rpc(tiny, rpc_env, tmp_path):
 @pytest.mark.timeout(300)
 def test_two_devices_under_one_key_both_serve_one_tuning_session(tiny, tmp_path, caplog):
     """Two servers registered under one key: the runner measures two candidates at once, and
-    the tracker hands sessions to both (each server's log shows sessions)."""
+    the tracker hands sessions to both (each server's log shows sessions); each session's pool
+    configured first (``--threads 1 --affinity big``)."""
     mod, preset, _, _ = tiny
     with rpc_tracker_and_server(tmp_path, "tvmshuffle-test-two", servers=2) as env:
         assert tuning.device_count(env.tracker, env.key) == 2
         with caplog.at_level(logging.INFO, logger=tuning.log.name):
             res = tuning.tune(mod, preset, tuning.TuneConfig(
                 trials=8, trials_per_batch=4, records_dir=tmp_path / "rec", rpc_tracker=env.tracker,
-                rpc_key=env.key, session_timeout_sec=30, device_wait_sec=30, **FAST))
+                rpc_key=env.key, session_timeout_sec=30, device_wait_sec=30, threads=1, affinity="big", **FAST))
         assert res.trials_run >= 8 and any(t.best_us is not None for t in res.tasks)
+        assert "candidates are measured with 1 threads" in caplog.text
         assert "2 device(s) with key 'tvmshuffle-test-two'" in caplog.text
         sessions = [log.read_text().count("connected from") for log in env.server_logs]
         assert len(sessions) == 2 and all(n >= 1 for n in sessions), sessions

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .runtime import RunResult
+from .runtime import RunResult, ThreadConfig, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +282,17 @@ class Session:
     """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`).
 
     ``with Session(tracker, key) as s: vm = s.load_vm(lib); y = s.run(vm, x); t = s.time(vm, 10)``.
-    The session ends with the block (the device serves one session at a time).
+    The session ends with the block (the device serves one session at a time). ``threads``
+    (``--threads``/``--affinity``) configures the thread pool of the session's process on the
+    device as it starts; ``self.threads`` is then the pool's size there.
     """
 
     def __init__(self, tracker: str, key: str, timeout: float = DEFAULT_RPC_TIMEOUT,
-                 session_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+                 session_timeout: float = 600.0, connect_timeout: float = 5.0,
+                 threads: ThreadConfig | None = None) -> None:
         self.key = key
+        self.thread_config = threads or ThreadConfig()
+        self.threads: int | None = None
         self.host, self.port = parse_tracker(tracker)
         self.tracker = f"{self.host}:{self.port}"
         self.session_timeout, self.connect_timeout = session_timeout, connect_timeout
@@ -310,6 +315,10 @@ class Session:
                                           wait_timeout=self.watchdog.seconds, connect_timeout=self.connect_timeout)
             self._fds = _tcp_fds() - before  # the session's connection to the device
             log.info("session on %s via %s (%.1f s)", self.key, self.tracker, time.perf_counter() - start)
+            if self.thread_config.requested:
+                self.step("configuring the thread pool")
+                self.threads = configure_threads(self.remote.get_function, self.thread_config,
+                                                 where=f"device {self.key!r}")
         except BaseException:
             self.watchdog.__exit__()
             raise
@@ -400,10 +409,11 @@ def _shutdown(fds: set[int]) -> None:
 
 def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACKER, key: str = DEFAULT_KEY,
                repeat: int = 0, number: int = 1, timeout: float = DEFAULT_RPC_TIMEOUT,
-               emulated: bool | None = None) -> RemoteRunResult:
+               emulated: bool | None = None, threads: ThreadConfig | None = None) -> RemoteRunResult:
     """Upload ``lib_path``, run ``main(x)`` on device ``key``; with ``repeat`` > 0 time it there.
 
     Every step is bounded by ``timeout`` s without an answer (:class:`DeviceTimeout`).
+    ``threads`` configures the device's thread pool first (:class:`~tvmshuffle.runtime.ThreadConfig`).
     ``emulated`` defaults to :func:`is_emulated_key`. Times are per-repeat means in ms,
     measured on the device.
     """
@@ -412,13 +422,22 @@ def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACK
         raise UserError(f"{lib_path}: no such file")
     if repeat < 0 or number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
-    with Session(tracker, key, timeout) as session:
+    with Session(tracker, key, timeout, threads=threads) as session:
         vm = session.load_vm(lib_path)
         output = session.run(vm, x)
         times = session.time(vm, repeat, number) if repeat > 0 else []
         vm = None
     emulated = is_emulated_key(key) if emulated is None else emulated
-    return RemoteRunResult(output, times, key=key, tracker=session.tracker, emulated=emulated)
+    return RemoteRunResult(output, times, session.threads, key=key, tracker=session.tracker, emulated=emulated)
+
+
+def device_threads(tracker: str, key: str, threads: ThreadConfig, timeout: float = DEFAULT_RPC_TIMEOUT) -> int | None:
+    """Open a session on ``key``, configure its thread pool as ``threads`` says, and return the
+    pool's size there (``runtime.NumThreads`` on the device); None when nothing is asked."""
+    if not threads.requested:
+        return None
+    with Session(tracker, key, timeout, threads=threads) as session:
+        return session.threads
 
 
 def run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:

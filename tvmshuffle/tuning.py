@@ -59,6 +59,7 @@ from pathlib import Path
 from . import _shipped, targets
 from .errors import UserError
 from .remote import parse_tracker, tracker_summary
+from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,19 @@ class TuneConfig:
     #: "hand" or a schedules directory: their schedules (tile sizes sampled) join MetaSchedule's
     #: design space for the fused kernels they fit; None: MetaSchedule's own space only
     seed_schedules: str | None = None
+    #: TVM's thread pool where candidates are measured (``--threads``, ``--affinity``): set in
+    #: each measuring session before timing, so candidates run with the threads the model will
+    #: run with; ``threads`` is also the target's ``num-cores``. None: left as it is
+    threads: int | None = None
+    affinity: str | None = None
+
+    @property
+    def thread_config(self) -> ThreadConfig:
+        return ThreadConfig(self.threads, self.affinity)
 
     def __post_init__(self) -> None:
         self.records_dir = Path(self.records_dir)
+        self.thread_config  # noqa: B018 - validates --threads and --affinity
         if self.trials < 0:
             raise UserError(f"--trials must be ≥ 0, got {self.trials}")
         if self.trials_per_batch < 1:
@@ -492,9 +503,11 @@ def _export(rt_mod, cross_compiler: str | None = None) -> str:
 _DEVICE_GONE = ("no free device with key", "is gone from RPC tracker", "Timeout, killed after")
 
 
-def _request_session(rpc_config, device_wait_sec: float):
+def _request_session(rpc_config, device_wait_sec: float, threads: ThreadConfig | None = None):
     """RPCConfig.connect_server, but a device that left the tracker is an error at once and
-    the wait for a busy one is bounded (upstream waits forever)."""
+    the wait for a busy one is bounded (upstream waits forever); with ``threads``, the
+    session's thread pool on the device is configured before anything is measured in it
+    (MetaSchedule's RPC runner calls this first in each candidate's session)."""
     key = rpc_config.tracker_key
     where = f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
     tracker = rpc_config.connect_tracker()  # bounded by session_timeout_sec
@@ -524,7 +537,18 @@ def _request_session(rpc_config, device_wait_sec: float):
         )
     if "error" in box:
         raise box["error"]
-    return box["session"]
+    session = box["session"]
+    if threads is not None and threads.requested:
+        configure_threads(session.get_function, threads, where=f"device {key!r}", quiet=True)
+    return session
+
+
+def _run_evaluator_with_threads(rt_mod, device, evaluator_config, repeated_args, threads: ThreadConfig):
+    """LocalRunner's evaluator after configuring this (the runner worker's) thread pool."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+
+    configure_local_threads(threads, quiet=True)
+    return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
 
 
 def _runner_pool(workers: int, config: TuneConfig):
@@ -947,9 +971,12 @@ def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = Fal
         min_repeat_ms=config.min_repeat_ms,
         enable_cpu_cache_flush=config.enable_cpu_cache_flush,
     )
+    threads = config.thread_config
     if config.rpc_tracker is None:
-        runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_sec,
-                                       evaluator_config=evaluator)
+        runner = ms.runner.LocalRunner(
+            timeout_sec=config.runner_timeout_sec, evaluator_config=evaluator,
+            f_run_evaluator=(functools.partial(_run_evaluator_with_threads, threads=threads)
+                             if threads.requested else None))
         return runner, runner
     host, port = parse_tracker(config.rpc_tracker)
     rpc_config = ms.runner.RPCConfig(
@@ -962,7 +989,8 @@ def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = Fal
     runner = ms.runner.RPCRunner(
         rpc_config,
         evaluator,
-        f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec),
+        f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec,
+                                           threads=threads if threads.requested else None),
         max_workers=workers,
     )
     runner.pool.shutdown()  # its pool has no timeout
@@ -987,8 +1015,18 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
             "device: give --rpc-tracker HOST:PORT and --rpc-key KEY"
         )
     cross = targets.cross_compiler_command(preset)  # UserError if the linker is missing
+    preset = targets.with_threads(preset, config.threads)  # num-cores = --threads
     if config.rpc_tracker is not None:
         check_rpc(config.rpc_tracker, config.rpc_key, config.device_wait_sec)
+        if config.thread_config.requested:  # what the device's pool gives (it may have fewer cores)
+            from .remote import device_threads
+
+            used = device_threads(config.rpc_tracker, config.rpc_key, config.thread_config,
+                                  timeout=config.device_wait_sec)
+            log.info("candidates are measured with %d threads on %r (%s)", used, config.rpc_key,
+                     config.thread_config.describe())
+    elif config.thread_config.requested:
+        log.info("candidates are measured with %s here", config.thread_config.describe())
 
     from tvm.s_tir import meta_schedule as ms
 
