@@ -50,6 +50,20 @@ def test_threads_and_affinity_reach_the_remote_pool(pool_env, threads, affinity)
 
 @pytest.mark.rpc
 @pytest.mark.timeout(120)
+def test_little_cores_where_there_are_none_is_a_user_error(pool_env):
+    """``--affinity little`` alone asks TVM for the little cores; where every core has one
+    maximum frequency (this machine, the emulated device) it finds none and its pool would run
+    parallel loops with 0 threads: a one-line error instead."""
+    try:
+        with remote.Session(pool_env.tracker, pool_env.key, timeout=30, threads=ThreadConfig(None, "little")) as s:
+            assert s.threads >= 1 and remote_pool_size(s.remote) == s.threads  # a CPU with little cores
+    except UserError as err:
+        assert f"device {pool_env.key!r}: --affinity little gives TVM's thread pool no threads" in str(err)
+        assert "\n" not in str(err)
+
+
+@pytest.mark.rpc
+@pytest.mark.timeout(120)
 def test_pool_is_left_alone_unless_asked_and_more_threads_than_workers_is_said(pool_env, caplog):
     with remote.Session(pool_env.tracker, pool_env.key, timeout=30) as session:
         assert session.threads is None

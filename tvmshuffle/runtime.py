@@ -68,6 +68,11 @@ def configure_threads(get_global: Callable[[str], Callable], config: ThreadConfi
         return None
     get_global("runtime.config_threadpool")(config.mode, config.threads or 0)
     used = int(get_global("runtime.NumThreads")())
+    if used < 1:  # --affinity little (no count) where every core runs at one frequency
+        get_global("runtime.config_threadpool")(AFFINITY_MODES["default"], 0)  # a usable pool again
+        raise UserError(f"{where}: --affinity {config.affinity} gives TVM's thread pool no threads: TVM finds "
+                        f"no {config.affinity} cores there (every core has the same maximum frequency); "
+                        "use --affinity big or default, or give --threads N")
     if config.threads is not None and used != config.threads:
         (log.debug if quiet else log.warning)("%s: TVM's thread pool runs %d threads, not the %d asked for (it has no more "
                     "workers: the cores there, or TVM_NUM_THREADS)", where, used, config.threads)

@@ -26,6 +26,13 @@ warning when the database is loaded.
 **Stopping.** Ctrl-C stops after the batch being measured (a second one at once) and keeps
 every record; SIGKILL keeps every record committed before it (each is appended and flushed).
 
+**Many devices, one key.** Over RPC the runner measures as many candidates at once as there are
+devices registered under the key (each in its own session; TVM's tracker hands each session to a
+free device), read from the tracker at the start and again before each batch; builds run in
+parallel here (``builder_workers``). **Threads.** ``threads``/``affinity`` configure the thread
+pool of every measuring session (:func:`tvmshuffle.runtime.configure_threads`) before anything
+is timed, and ``threads`` is the target's ``num-cores``.
+
 **Never a silent hang.** Builds and runs have timeouts; an RPC tracker that cannot be reached
 or a key with no free device is a :class:`~tvmshuffle.errors.UserError` within a bounded
 time; a device that leaves the tracker fails the rest of its batch at once; a batch in which
