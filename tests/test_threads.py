@@ -131,7 +131,7 @@ def test_bad_threads_in_the_api(value):
 
 def tvmshuffle(*args):
     return subprocess.run([sys.executable, "-m", "tvmshuffle", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
 
 
 COMMANDS = {
@@ -166,3 +166,20 @@ def test_run_with_threads_on_the_device_and_here(pool_env, small_host_library):
                           "--threads", 1, "--affinity", "big", *where)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "-> OK" in proc.stdout and ", 1 threads: median" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(400)
+def test_profile_and_bench_with_threads_on_the_device(pool_env, small_host_library, tmp_path):
+    """``profile``/``bench`` over RPC with ``--threads 1 --affinity big``: the device's pool runs 1
+    thread and the reports say so."""
+    rpc = ["--rpc-tracker", pool_env.tracker, "--rpc-key", pool_env.key, "--threads", 1, "--affinity", "big"]
+    proc = tvmshuffle("profile", small_host_library, "--number", 1, "--repeat", 1, "--json", *rpc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["where"].startswith(f"{pool_env.key}, 1 threads")
+    proc = tvmshuffle("bench", SMALL, "--input-shape", ",".join(map(str, SMALL_SHAPE)), "--repeat", 2,
+                      "--tuning-records", tmp_path / "none", "--json", tmp_path / "bench.json", *rpc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["tvm-untuned-fused"]["where"].endswith(", 1 threads") and rows["tvm-untuned-fused"]["correct"]

@@ -705,10 +705,13 @@ class _RemoteRunner(_Runner):
         self.key = config.rpc_key
         self.emulated = remote.is_emulated_key(self.key)
         self.fcompile = targets.export_function(preset)  # UserError now if the linker is missing
+        self.threads: int | None = None  # the device's pool, when --threads/--affinity set it
 
     @property
     def where(self) -> str:
         label = f"{self.key} via {self.host}:{self.port}"
+        if self.threads:
+            label += f", {self.threads} threads"
         return label + (" (EMULATED under qemu: not ARM timings)" if self.emulated else "")
 
     @contextmanager
@@ -718,6 +721,7 @@ class _RemoteRunner(_Runner):
         with remote.Session(self.config.rpc_tracker, self.key, self.config.rpc_timeout,
                             session_timeout=self.config.session_timeout,
                             threads=ThreadConfig(self.config.threads, self.config.affinity)) as self.session:
+            self.threads = self.session.threads
             try:
                 yield
             finally:
