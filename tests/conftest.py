@@ -87,21 +87,23 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 @dataclass
 class RPCEnv:
-    """A running RPC tracker with one host (not emulated) RPC server registered under ``key``."""
+    """A running RPC tracker with host (not emulated) RPC servers registered under ``key``
+    (one, unless ``rpc_tracker_and_server(servers=N)``)."""
 
     tracker: str  # "127.0.0.1:PORT"
     key: str
     host: str
     port: int
     log_dir: Path
-    server_pid: int  # leader of the server's process group
+    server_pid: int  # leader of the (first) server's process group
+    server_logs: tuple[Path, ...] = ()  # one per server: server.log, server-2.log, …
 
     def stop_server(self) -> None:
         """SIGSTOP the server and its workers: a device that stops answering."""
         os.killpg(self.server_pid, signal.SIGSTOP)
 
 
-def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None:
+def _wait_for_key(host: str, port: int, key: str, procs, timeout: float, free: int = 1) -> None:
     from tvm import rpc
 
     deadline = time.monotonic() + timeout
@@ -118,7 +120,7 @@ def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None
                 last = tracker.summary()
             finally:
                 tracker.close()
-            if last.get("queue_info", {}).get(key, {}).get("free", 0) > 0:
+            if last.get("queue_info", {}).get(key, {}).get("free", 0) >= free:
                 return
         except OSError:
             pass
@@ -127,13 +129,14 @@ def _wait_for_key(host: str, port: int, key: str, procs, timeout: float) -> None
 
 
 @contextmanager
-def rpc_tracker_and_server(log_dir: Path, key: str):
-    """``python -m tvm.exec.rpc_tracker`` + ``python -m tvm.exec.rpc_server`` on 127.0.0.1
-    (free ports, each in its own process group, killed as a group at the end)."""
+def rpc_tracker_and_server(log_dir: Path, key: str, servers: int = 1, server_env: dict | None = None):
+    """``python -m tvm.exec.rpc_tracker`` + ``servers`` × ``python -m tvm.exec.rpc_server``
+    under ``key`` (``server_env``: more environment for the servers), on 127.0.0.1 (free ports,
+    each in its own process group, killed as a group at the end)."""
     host = "127.0.0.1"
     tracker_port = free_port()
-    server_port = free_port()
     procs: list[tuple[str, subprocess.Popen]] = []
+    logs = [log_dir / ("server.log" if i == 1 else f"server-{i}.log") for i in range(1, servers + 1)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         with open(log_dir / "tracker.log", "wb") as out:
@@ -143,16 +146,18 @@ def rpc_tracker_and_server(log_dir: Path, key: str):
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env,
             )))
-        with open(log_dir / "server.log", "wb") as out:
-            procs.append(("server", subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
-                 "--port", str(server_port), "--port-end", str(server_port + 1),
-                 "--tracker", f"{host}:{tracker_port}", "--key", key],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env,
-            )))
-        _wait_for_key(host, tracker_port, key, procs, timeout=60.0)
-        yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir, procs[1][1].pid)
+        for log in logs:
+            server_port = free_port()
+            with open(log, "wb") as out:
+                procs.append(("server", subprocess.Popen(
+                    [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+                     "--port", str(server_port), "--port-end", str(server_port + 1),
+                     "--tracker", f"{host}:{tracker_port}", "--key", key],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env={**env, **(server_env or {})},
+                )))
+        _wait_for_key(host, tracker_port, key, procs, timeout=60.0, free=servers)
+        yield RPCEnv(f"{host}:{tracker_port}", key, host, tracker_port, log_dir, procs[1][1].pid, tuple(logs))
     finally:
         for _, proc in reversed(procs):
             try:

@@ -315,6 +315,54 @@ def test_server_dying_at_start_is_one_line_user_error(tmp_path):
     assert not device.status(tracker_port=port, cache_dir=layout.cache_dir)["tracker_up"]
 
 
+def _host_python_device(tmp_path):
+    """A cache whose "emulator" is this machine's Python: ``device up`` then runs real TVM RPC
+    servers (``_rpc_server_main.py``, forkserver and all) without qemu, in seconds."""
+    layout = provisioning.EmulatorLayout(tmp_path / "cache")
+    layout.wrapper.parent.mkdir(parents=True)
+    layout.wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    layout.wrapper.chmod(0o755)
+    layout.stamp.write_text(json.dumps(provisioning._stamp_content(layout)))  # "provisioned"
+    return layout
+
+
+@pytest.mark.rpc
+@pytest.mark.timeout(240)
+def test_up_count_starts_servers_under_one_key_and_status_lists_each(tmp_path):
+    layout = _host_python_device(tmp_path)
+    key, port = "emu-farm-test", free_port()
+    try:
+        status = device.up(key=key, tracker_port=port, cache_dir=layout.cache_dir, count=2, timeout=120)
+        servers = [s for s in status["servers"] if s["key"] == key]
+        assert len(servers) == 2 and len({s["address"] for s in servers}) == 2, status["servers"]
+        assert all(s["state"] == "free" for s in servers), servers
+        assert status["pids"][f"server:{key}"]["alive"] and status["pids"][f"server:{key}#2"]["alive"]
+        assert service.server_logs(key, port, layout.cache_dir)[1].name == f"server-{key}-{port}-2.log"
+        again = device.up(key=key, tracker_port=port, cache_dir=layout.cache_dir, count=2, timeout=120)
+        assert again["pids"] == status["pids"]  # reused, nothing started
+        # one session open: the tracker counts 1 of 2 free; the one serving it is busy
+        session = remote.request_session("127.0.0.1", port, key, session_timeout=60, wait_timeout=30)
+        try:
+            deadline = time.monotonic() + 30
+            while (busy := device.status(tracker_port=port, cache_dir=layout.cache_dir)["servers"]) and \
+                    sorted(s["state"] for s in busy) != ["busy", "free"]:
+                assert time.monotonic() < deadline, busy
+                time.sleep(0.5)
+        finally:
+            session = None
+        proc = tvmshuffle("device", "status", "--tracker-port", port, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(key)]) == 2, proc.stdout
+    finally:
+        stopped = device.down(tracker_port=port, cache_dir=layout.cache_dir)
+    assert sorted(s.split(" ")[0] for s in stopped) == [f"server:{key}", f"server:{key}#2", "tracker"]
+
+
+def test_device_count_must_be_positive():
+    proc = tvmshuffle("device", "up", "--count", 0, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["tvmshuffle: error: --count must be >= 1, got 0"]
+
+
 def test_non_loopback_host_warns(caplog):
     with caplog.at_level(logging.WARNING, logger=service.__name__):
         assert service.warn_if_exposed("0.0.0.0")

@@ -159,6 +159,10 @@ def test_bad_config_is_a_user_error():
         study.StudyConfig(rpc_tracker="127.0.0.1:9190")
     with pytest.raises(UserError, match="--limit"):
         study.StudyConfig(layers_limit=0)
+    with pytest.raises(UserError, match="--threads"):
+        study.StudyConfig(threads=0)
+    with pytest.raises(UserError, match="--affinity"):
+        study.StudyConfig(affinity="middle")
     with pytest.raises(UserError, match="--target rpi4"):  # ARM code cannot run here
         study.fused_layers(study.StudyConfig(target="rpi4", models=[SMALL]))
 
@@ -212,10 +216,12 @@ def test_cli_writes_the_three_files(tmp_path):
 @pytest.mark.rpc
 @pytest.mark.timeout(600)
 def test_study_on_an_rpc_device(two_kinds, rpc_env, tmp_path):
-    """Over RPC: each built layer exported, uploaded and timed on the device (here a host server)."""
-    config = small_config(tuning_records=tmp_path, rpc_tracker=rpc_env.tracker, rpc_key=rpc_env.key)
+    """Over RPC: each built layer exported, uploaded and timed on the device (here a host server),
+    its thread pool set through the session (``--threads 1 --affinity big``)."""
+    config = small_config(tuning_records=tmp_path, rpc_tracker=rpc_env.tracker, rpc_key=rpc_env.key,
+                          threads=1, affinity="big")
     report = study.run_study(config, two_kinds)
-    assert report.where.startswith(f"{rpc_env.key} via {rpc_env.tracker}") and not report.emulated
+    assert report.where.startswith(f"{rpc_env.key} via {rpc_env.tracker}, 1 threads") and not report.emulated
     assert report.bandwidth.gbps > 0 and rpc_env.key in report.bandwidth.how
     rows = {(r.layer, r.schedule): r for r in report.rows}
     for layer in two_kinds:

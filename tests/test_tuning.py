@@ -24,7 +24,7 @@ import pytest
 from tvmshuffle import pipeline, runtime, targets, tuning
 from tvmshuffle.errors import UserError
 
-from conftest import free_port, kill_group, wait_exit
+from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
 pytestmark = pytest.mark.xdist_group("tuning")
@@ -379,6 +379,46 @@ def test_tune_over_rpc(tiny, rpc_env, tmp_path):
     out, tuned = _run(mod, preset, rec, x)
     assert tuned >= 1
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+@pytest.mark.timeout(300)
+def test_two_devices_under_one_key_both_serve_one_tuning_session(tiny, tmp_path, caplog):
+    """Two servers registered under one key: the runner measures two candidates at once, and
+    the tracker hands sessions to both (each server's log shows sessions); each session's pool
+    configured first (``--threads 1 --affinity big``)."""
+    mod, preset, _, _ = tiny
+    with rpc_tracker_and_server(tmp_path, "tvmshuffle-test-two", servers=2) as env:
+        assert tuning.device_count(env.tracker, env.key) == 2
+        with caplog.at_level(logging.INFO, logger=tuning.log.name):
+            res = tuning.tune(mod, preset, tuning.TuneConfig(
+                trials=8, trials_per_batch=4, records_dir=tmp_path / "rec", rpc_tracker=env.tracker,
+                rpc_key=env.key, session_timeout_sec=30, device_wait_sec=30, threads=1, affinity="big", **FAST))
+        assert res.trials_run >= 8 and any(t.best_us is not None for t in res.tasks)
+        assert "candidates are measured with 1 threads" in caplog.text
+        assert "2 device(s) with key 'tvmshuffle-test-two'" in caplog.text
+        sessions = [log.read_text().count("connected from") for log in env.server_logs]
+        assert len(sessions) == 2 and all(n >= 1 for n in sessions), sessions
+
+
+@pytest.mark.rpc
+@pytest.mark.timeout(120)
+def test_runner_workers_follow_the_devices_registered(tmp_path):
+    """The runner's pool is re-sized to the devices under the key before each batch (a second
+    server registering between batches gives a second worker; the old pool is kept until the end)."""
+    with rpc_tracker_and_server(tmp_path, "tvmshuffle-test-follow", servers=2) as env:
+        config = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", rpc_tracker=env.tracker,
+                                   rpc_key=env.key, **FAST)
+        runner, ms_runner = tuning.make_runner(config, workers=1, follow_devices=True)
+        try:
+            assert runner.workers == 1
+            first = runner.pool
+            ms_runner.run([])  # a batch: the devices are re-read first
+            assert runner.workers == 2 and runner.pool is not first and runner.retired_pools == [first]
+            assert runner.pool._threadpool._max_workers == 2
+        finally:
+            tuning._shutdown_runner(runner)
 
 
 # --------------------------------------------------------------------------------------------

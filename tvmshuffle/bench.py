@@ -40,7 +40,9 @@ class BenchConfig:
     #: a records dir (fused; ``<dir>-unfused`` beside it) or a root (``<root>/<target>/<model>[-unfused]``);
     #: None: the shipped tuning_logs/
     tuning_records: Path | None = None
-    threads: int | None = None  # None: all cores
+    threads: int | None = None  # None: all cores here; a device's pool as it is
+    #: ``--affinity big|little|default`` of TVM's pool, here and on a device (None: as it is)
+    affinity: str | None = None
     repeat: int = 30
     warmup: int = 5
     #: 1: each variant's runs in a row; N > 1: in N rounds, the variants' order rotating (a
@@ -88,17 +90,14 @@ class BenchReport:
         return asdict(self)
 
 
-def set_threads(threads: int) -> None:
-    """The same thread count for TVM, PyTorch and ONNX Runtime (call before TVM runs)."""
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+def set_threads(threads: int, affinity: str | None = None) -> int:
+    """The same thread count for TVM, PyTorch and ONNX Runtime (call before TVM runs); TVM's
+    workers pinned as ``affinity`` says (big cores first, little ones, or None/default: left
+    as they are). Returns the threads TVM's pool runs."""
     import torch
 
     torch.set_num_threads(threads)
-    import tvm
-
-    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if config is not None:
-        config(0, threads)  # big cores first, `threads` workers
+    return runtime.configure_local_threads(runtime.ThreadConfig(threads, affinity))
 
 
 def check_row(row: Row, run: Callable[[], np.ndarray], expected: np.ndarray, tolerance: float) -> bool:
@@ -175,8 +174,9 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
     remote_run = config.rpc_tracker is not None
     if preset.is_cross and not remote_run:
         raise UserError(f"--target {preset.name}: code for it cannot run here; give --rpc-tracker and --rpc-key")
+    runtime.ThreadConfig(config.threads, config.affinity)  # --threads >= 1, --affinity known
     threads = config.threads or os.cpu_count() or 1
-    set_threads(threads)
+    set_threads(threads, config.affinity)
     imported = frontend.load(model, config.input_shape, config.weights)
     x = imported.random_input(seed=1)
     expected = imported.reference(x)  # PyTorch (ONNX Runtime for an .onnx model)
@@ -247,8 +247,9 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     if remote_run:
         lib = pipeline.export(executable, preset, work / f"{variant}.so")
         result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,
-                                   repeat=config.repeat, number=1, timeout=config.rpc_timeout)
-        row.where = result.latency_label
+                                   repeat=config.repeat, number=1, timeout=config.rpc_timeout,
+                                   threads=runtime.ThreadConfig(config.threads, config.affinity))
+        row.where = result.latency_label + (f", {result.threads} threads" if result.threads else "")
         return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance), None
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
     data = tvm.runtime.tensor(x, tvm.cpu())

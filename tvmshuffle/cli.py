@@ -83,6 +83,7 @@ def cmd_run(args) -> int:
     from .remote import check_rpc_args
 
     check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
+    threads = _threads(args)
     if args.print_top is not None and args.print_top < 1:
         raise UserError(f"--print-top must be >= 1, got {args.print_top}")
     library = Path(args.library)
@@ -103,11 +104,15 @@ def cmd_run(args) -> int:
         from . import remote
 
         result = remote.run_remote(args.library, x, tracker=args.rpc_tracker, key=args.rpc_key,
-                                   repeat=repeat, number=args.number, timeout=args.rpc_timeout)
+                                   repeat=repeat, number=args.number, timeout=args.rpc_timeout, threads=threads)
         where = result.latency_label
     else:
+        used = runtime.configure_local_threads(threads)
         result = runtime.run(runtime.load_library(args.library), x, repeat=repeat, number=args.number)
+        result.threads = used
         where = "latency on this CPU"
+    if result.threads:
+        where += f", {result.threads} threads"
     y = result.output
     summary = f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}"
     if args.print_top is None:
@@ -149,7 +154,8 @@ def cmd_tune(args) -> int:
     config = tuning.TuneConfig(trials=args.trials, records_dir=Path(args.tuning_records or "."),
                                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                                device_wait_sec=args.rpc_timeout, trials_per_batch=args.trials_per_batch,
-                               seed_schedules=args.seed_schedules, **measure)
+                               seed_schedules=args.seed_schedules, threads=args.threads,
+                               affinity=args.affinity, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
     records = Path(args.tuning_records) if args.tuning_records else tuning.records_dir_for(
@@ -175,14 +181,14 @@ def cmd_bench(args) -> int:
     from . import bench
     from .frontend import parse_input_shape
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be >= 1")
+    _threads(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             writable_output(path, flag)  # before the bench, not after
     config = bench.BenchConfig(
         target=args.target, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
-        threads=args.threads, repeat=args.repeat, input_shape=parse_input_shape(args.input_shape),
+        threads=args.threads, affinity=args.affinity, repeat=args.repeat,
+        input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rounds=args.rounds,
         rpc_timeout=args.rpc_timeout, force_records=args.force_records,
     )
@@ -208,6 +214,7 @@ def cmd_profile(args) -> int:
     from .remote import check_rpc_args
 
     check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
+    threads = _threads(args)
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
@@ -217,13 +224,14 @@ def cmd_profile(args) -> int:
         model, config = pipeline.compiled_from(Path(model))
     if args.rpc_tracker:
         result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat,
-                                           rpc_timeout=args.rpc_timeout)
+                                           rpc_timeout=args.rpc_timeout, threads=threads)
     elif model.endswith(".so"):
-        result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat)
+        result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat, threads=threads)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
-            result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat)
+            result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat,
+                                             threads=threads)
             result.model = compiled.model.name
     print(json.dumps(result.as_dict(), indent=2) if args.json else profile.markdown(result))
     return 0
@@ -232,8 +240,10 @@ def cmd_profile(args) -> int:
 def cmd_device(args) -> int:
     from . import device
 
+    if args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
     if args.action == "up":
-        info = device.up(key=args.key, tracker_port=args.tracker_port, host=args.host)
+        info = device.up(key=args.key, tracker_port=args.tracker_port, host=args.host, count=args.count)
     elif args.action == "status":
         info = device.status(tracker_port=args.tracker_port, host=args.host)
     else:
@@ -244,6 +254,8 @@ def cmd_device(args) -> int:
         return 0
     print(f"tracker {info['tracker']}: {'up' if info['tracker_up'] else 'down'}")
     print(f"devices registered: {', '.join(info['keys']) or 'none'}")
+    for server in info.get("servers", []):
+        print(f"  {server['key']:<20} {server['address']:<22} {server['state']}")
     for name, pid in info.get("pids", {}).items():
         print(f"  {name}: pid {pid['pid']} {'alive' if pid['alive'] else 'dead'}")
     if info["keys"]:
@@ -289,6 +301,7 @@ def cmd_study(args) -> int:
     from . import study
     from .frontend import parse_input_shape
 
+    _threads(args)
     if args.output_dir:
         writable_output(args.output_dir, "-o", directory=True)  # before the study, not after
     config = study.StudyConfig(
@@ -297,6 +310,7 @@ def cmd_study(args) -> int:
         trials_per_layer=args.trials_per_layer, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
         rpc_timeout=args.rpc_timeout,
         number=args.number, repeat=args.repeat, layers_limit=args.limit, threads=args.threads,
+        affinity=args.affinity,
     )
     report = study.run_study(config)
     out = study.write_outputs(report, Path(args.output_dir or Path("out") / "study" / report.target))
@@ -323,6 +337,22 @@ def _add_rpc_args(p, what: str, timeout: float | None = None) -> None:
     p.add_argument("--rpc-timeout", type=float, default=timeout, metavar="SECONDS",
                    help="give up on a device that answers nothing (or is not free) for this long "
                         f"in one step (default {timeout:g})")
+
+
+def _add_thread_args(p, default: str) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"TVM's thread pool where the model runs (a device's through its RPC session): N "
+                        f"threads (default: {default})")
+    p.add_argument("--affinity", choices=["big", "little", "default"],
+                   help="pin TVM's threads to the big cores first, the little ones, or leave them "
+                        "(default); as on a big.LITTLE phone")
+
+
+def _threads(args):
+    """``--threads``/``--affinity`` checked (one line, exit 2) before anything slow."""
+    from .runtime import ThreadConfig
+
+    return ThreadConfig(args.threads, args.affinity)
 
 
 def _add_force_records_arg(p) -> None:
@@ -382,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-top", type=int, metavar="N",
                    help="print the N highest-scoring classes (rank class score) of the first image")
     _add_rpc_args(p, "run on the device there")
+    _add_thread_args(p, "here TVM_NUM_THREADS or every core; a device's pool as it is")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare with PyTorch/ONNX Runtime on the host (done when model.so.json is there)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
@@ -408,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the hand schedules (tile sizes left to the search) to MetaSchedule's "
                         "design space of the fused kernels, so tuning starts from them")
     p.add_argument("--cross-compiler", help="linker command for candidates (overrides the preset's)")
+    _add_thread_args(p, "as the pool is; N is also the target's num-cores")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("bench", help="TVM untuned/tuned x unfused/fused vs PyTorch and ONNX Runtime")
@@ -416,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", help="records dir of the fused model (<dir>-unfused beside it) or a "
                                             "root like tuning_logs/ (default: the shipped records)")
     _add_force_records_arg(p)
-    p.add_argument("--threads", type=int, help="threads for TVM, PyTorch and ONNX Runtime (default: all cores)")
+    _add_thread_args(p, "every core here, for TVM, PyTorch and ONNX Runtime alike; a device's pool as it is")
     p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
     p.add_argument("--rounds", type=int, default=1,
                    help="take each variant's runs in N rounds, the variants' order rotating (default 1: in a row)")
@@ -437,12 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
     p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
     _add_rpc_args(p, "profile a device library on the device there")
+    _add_thread_args(p, "here TVM_NUM_THREADS or every core; a device's pool as it is")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])
     p.add_argument("--key", default="emu-aarch64", help="device key (default emu-aarch64)")
+    p.add_argument("--count", type=int, default=1, metavar="N",
+                   help="up: N emulated servers under the key (a farm: tune measures on all at once; default 1)")
     p.add_argument("--tracker-port", type=int, default=9190, help="tracker port (default 9190)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; an RPC server runs any code it is sent)")
@@ -458,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials-per-layer", type=int, default=0,
                    help="tune each layer to N trials first (resumable; default 0: no tuning, missing ones said)")
     _add_rpc_args(p, "measure on the device there")
-    p.add_argument("--threads", type=int, help="TVM threads here (default: TVM_NUM_THREADS, else every core)")
+    _add_thread_args(p, "here TVM_NUM_THREADS, else every core; a device's pool as it is")
     p.add_argument("--number", type=int, default=20, help="runs averaged per sample (default 20)")
     p.add_argument("--repeat", type=int, default=15, help="samples, median taken (default 15)")
     p.add_argument("--limit", type=int, help="the first N distinct layers only")

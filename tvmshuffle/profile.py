@@ -95,13 +95,14 @@ def _kernels_of(path) -> list[Kernel]:
 
 
 def profile_on_device(model: str, config, tracker: str, key: str, number: int = 10, repeat: int = 5,
-                      rpc_timeout: float | None = None) -> Profile:
+                      rpc_timeout: float | None = None, threads=None) -> Profile:
     """Per-kernel times on the device ``key`` behind ``tracker`` (emulated devices: labelled).
 
     ``model`` is compiled with ``config`` (a :class:`~tvmshuffle.pipeline.CompileConfig` for the
     device's target). Over RPC the time evaluator finds only functions at a module's root, so
     the kernels are also exported alone, as a second library, and timed from that one. Every
-    remote step is bounded by ``rpc_timeout`` (:class:`~tvmshuffle.remote.Session`).
+    remote step is bounded by ``rpc_timeout`` (:class:`~tvmshuffle.remote.Session`);
+    ``threads`` (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures the device's pool first.
     """
     import tempfile
     from pathlib import Path
@@ -115,7 +116,7 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
     executable = pipeline.codegen(mod, preset)
     kernels_list = kernels.list_kernels(mod)
     with tempfile.TemporaryDirectory() as tmp, \
-            remote.Session(tracker, key, rpc_timeout or remote.DEFAULT_RPC_TIMEOUT) as session:
+            remote.Session(tracker, key, rpc_timeout or remote.DEFAULT_RPC_TIMEOUT, threads=threads) as session:
         full = pipeline.export(executable, preset, Path(tmp) / "model.so")
         only_kernels = Path(tmp) / "kernels.so"
         targets.export_library(kernel_library(executable), preset, only_kernels)
@@ -125,16 +126,20 @@ def profile_on_device(model: str, config, tracker: str, key: str, number: int = 
         session.run(vm, imported.random_input())
         total = float(np.median(session.time(vm, repeat, number)))
         vm = library = None
-    where = key + (" (EMULATED under qemu on this host: not ARM timings)" if session.emulated else "")
+    where = key + (f", {session.threads} threads" if session.threads else "")
+    where += " (EMULATED under qemu on this host: not ARM timings)" if session.emulated else ""
     return Profile(imported.name, where, total, rows)
 
 
-def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5) -> Profile:
-    """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``)."""
+def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5,
+                    threads=None) -> Profile:
+    """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``); ``threads``
+    (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures TVM's pool here first."""
     import tvm
 
     from . import runtime
 
+    used = runtime.configure_local_threads(threads) if threads is not None else None
     kernels_list = kernels_list or _kernels_of(path)
     vm = runtime.load_library(path)
     lib = tvm.runtime.load_module(str(path))
@@ -142,7 +147,7 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
     shape = kernels_list[0].inputs[0] if kernels_list else [1, 3, 224, 224]
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     total = runtime.run(vm, x, repeat=repeat, number=number).median_ms
-    return Profile(str(path), "this CPU", total, rows)
+    return Profile(str(path), "this CPU" + (f", {used} threads" if used else ""), total, rows)
 
 
 def markdown(profile: Profile) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .runtime import RunResult
+from .runtime import RunResult, ThreadConfig, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,50 @@ def registered_keys(summary: dict) -> list[str]:
     return sorted(keys)
 
 
+def device_list(summary: dict) -> list[dict]:
+    """Each server registered with the tracker: ``{"key", "address", "state"}``, sorted.
+
+    The tracker counts free servers per key (``queue_info``), it does not say which ones: when
+    all of a key's servers are free (or none is) that decides each one's ``state``; otherwise a
+    server on this machine is ``busy`` while a session is connected to its port, ``free`` if
+    not, and a server elsewhere is ``"free or busy"``.
+    """
+    servers = []
+    for info in summary.get("server_info", []):
+        key = str(info.get("key", ""))
+        if not key.startswith("server:"):
+            continue
+        addr = info.get("addr") or [None, None]
+        servers.append({"key": key.split(":", 1)[1], "host": addr[0], "port": addr[1]})
+    by_key: dict[str, list[dict]] = {}
+    for server in servers:
+        by_key.setdefault(server["key"], []).append(server)
+    for key, group in by_key.items():
+        free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+        if free >= len(group) or free == 0:
+            for server in group:
+                server["state"] = "free" if free else "busy"
+            continue
+        connected = _connected_local_ports()
+        for server in group:
+            if server["host"] in ("127.0.0.1", "localhost", "::1") and connected is not None:
+                server["state"] = "busy" if server["port"] in connected else "free"
+            else:
+                server["state"] = "free or busy"
+    return sorted(({"key": s["key"], "address": f"{s['host']}:{s['port']}", "state": s["state"]}
+                   for s in servers), key=lambda s: (s["key"], s["address"]))
+
+
+def _connected_local_ports() -> set[int] | None:
+    """Local ports of this machine's established TCP connections (None if they cannot be read)."""
+    import psutil
+
+    try:
+        return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED}
+    except (psutil.Error, OSError):
+        return None
+
+
 def request_session(host: str, port: int, key: str, session_timeout: float = 600.0,
                     wait_timeout: float = 300.0, connect_timeout: float = 5.0):
     """An RPC session on a device ``key``; waits at most ``wait_timeout`` s for a free one."""
@@ -155,7 +199,8 @@ def server_log_hint(key: str, tracker: str) -> str:
         from .device import service
 
         _, port = parse_tracker(tracker)
-        return f"server log {service.server_log(key, port)}"
+        logs = service.server_logs(key, port)
+        return f"server log {logs[0]}" if len(logs) == 1 else f"server logs {', '.join(map(str, logs))}"
     return "see the RPC server's own log on the device"
 
 
@@ -237,12 +282,17 @@ class Session:
     """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`).
 
     ``with Session(tracker, key) as s: vm = s.load_vm(lib); y = s.run(vm, x); t = s.time(vm, 10)``.
-    The session ends with the block (the device serves one session at a time).
+    The session ends with the block (the device serves one session at a time). ``threads``
+    (``--threads``/``--affinity``) configures the thread pool of the session's process on the
+    device as it starts; ``self.threads`` is then the pool's size there.
     """
 
     def __init__(self, tracker: str, key: str, timeout: float = DEFAULT_RPC_TIMEOUT,
-                 session_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+                 session_timeout: float = 600.0, connect_timeout: float = 5.0,
+                 threads: ThreadConfig | None = None) -> None:
         self.key = key
+        self.thread_config = threads or ThreadConfig()
+        self.threads: int | None = None
         self.host, self.port = parse_tracker(tracker)
         self.tracker = f"{self.host}:{self.port}"
         self.session_timeout, self.connect_timeout = session_timeout, connect_timeout
@@ -265,6 +315,10 @@ class Session:
                                           wait_timeout=self.watchdog.seconds, connect_timeout=self.connect_timeout)
             self._fds = _tcp_fds() - before  # the session's connection to the device
             log.info("session on %s via %s (%.1f s)", self.key, self.tracker, time.perf_counter() - start)
+            if self.thread_config.requested:
+                self.step("configuring the thread pool")
+                self.threads = configure_threads(self.remote.get_function, self.thread_config,
+                                                 where=f"device {self.key!r}")
         except BaseException:
             self.watchdog.__exit__()
             raise
@@ -355,10 +409,11 @@ def _shutdown(fds: set[int]) -> None:
 
 def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACKER, key: str = DEFAULT_KEY,
                repeat: int = 0, number: int = 1, timeout: float = DEFAULT_RPC_TIMEOUT,
-               emulated: bool | None = None) -> RemoteRunResult:
+               emulated: bool | None = None, threads: ThreadConfig | None = None) -> RemoteRunResult:
     """Upload ``lib_path``, run ``main(x)`` on device ``key``; with ``repeat`` > 0 time it there.
 
     Every step is bounded by ``timeout`` s without an answer (:class:`DeviceTimeout`).
+    ``threads`` configures the device's thread pool first (:class:`~tvmshuffle.runtime.ThreadConfig`).
     ``emulated`` defaults to :func:`is_emulated_key`. Times are per-repeat means in ms,
     measured on the device.
     """
@@ -367,13 +422,22 @@ def run_remote(lib_path: str | Path, x: np.ndarray, tracker: str = DEFAULT_TRACK
         raise UserError(f"{lib_path}: no such file")
     if repeat < 0 or number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
-    with Session(tracker, key, timeout) as session:
+    with Session(tracker, key, timeout, threads=threads) as session:
         vm = session.load_vm(lib_path)
         output = session.run(vm, x)
         times = session.time(vm, repeat, number) if repeat > 0 else []
         vm = None
     emulated = is_emulated_key(key) if emulated is None else emulated
-    return RemoteRunResult(output, times, key=key, tracker=session.tracker, emulated=emulated)
+    return RemoteRunResult(output, times, session.threads, key=key, tracker=session.tracker, emulated=emulated)
+
+
+def device_threads(tracker: str, key: str, threads: ThreadConfig, timeout: float = DEFAULT_RPC_TIMEOUT) -> int | None:
+    """Open a session on ``key``, configure its thread pool as ``threads`` says, and return the
+    pool's size there (``runtime.NumThreads`` on the device); None when nothing is asked."""
+    if not threads.requested:
+        return None
+    with Session(tracker, key, timeout, threads=threads) as session:
+        return session.threads
 
 
 def run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""Run and time a compiled model library (``.so``) on this machine."""
+"""Run and time a compiled model library (``.so``) on this machine; TVM's thread pool, here
+or on a device (:func:`configure_threads`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +13,94 @@ import numpy as np
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
+#: ``--affinity`` → the mode of TVM's ``runtime.config_threadpool``: 1 pins the workers to the
+#: big cores first (the fastest by ``cpuinfo_max_freq``), -1 to the little ones first, 0 leaves
+#: the pinning as it is (TVM's own start-up default is big-first)
+AFFINITY_MODES = {"big": 1, "little": -1, "default": 0}
+
+
+@dataclass(frozen=True)
+class ThreadConfig:
+    """``--threads N`` and ``--affinity big|little|default`` of TVM's thread pool, where the model
+    runs (a device's pool through its RPC session). Neither given: the pool is left as it is."""
+
+    #: worker threads (None: the mode's own count: big → the big cores, default → every core)
+    threads: int | None = None
+    #: "big", "little" or "default" (None: "default" when ``threads`` is given)
+    affinity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UserError(f"--threads must be an integer >= 1, got {self.threads!r}")
+        if self.affinity is not None and self.affinity not in AFFINITY_MODES:
+            raise UserError(f"--affinity must be one of {', '.join(AFFINITY_MODES)}, got {self.affinity!r}")
+
+    @property
+    def requested(self) -> bool:
+        return self.threads is not None or self.affinity is not None
+
+    @property
+    def mode(self) -> int:
+        return AFFINITY_MODES[self.affinity or "default"]
+
+    def describe(self) -> str:
+        parts = [f"--threads {self.threads}" if self.threads is not None else "",
+                 f"--affinity {self.affinity}" if self.affinity is not None else ""]
+        return " ".join(p for p in parts if p)
+
+
+def configure_threads(get_global: Callable[[str], Callable], config: ThreadConfig,
+                      where: str = "this machine", quiet: bool = False) -> int | None:
+    """Configure TVM's thread pool as ``config`` says and return the number of threads it now
+    runs parallel loops with (None: nothing asked, the pool is left as it is).
+
+    ``get_global`` looks up a global function of the runtime to configure: ``tvm.get_global_func``
+    for this process, an RPC session's ``get_function`` for a device (the pool of the session's
+    process on the device, which every later call of the session runs in). A pool can use at
+    most the workers it was started with (the device's cores, or its ``TVM_NUM_THREADS``): a
+    smaller count than asked is logged (``quiet``: at debug level, as every tuning candidate's
+    session does after :func:`tvmshuffle.tuning.tune` said it once).
+    """
+    if not config.requested:
+        return None
+    get_global("runtime.config_threadpool")(config.mode, config.threads or 0)
+    used = int(get_global("runtime.NumThreads")())
+    if used < 1:  # --affinity little (no count) where every core runs at one frequency
+        get_global("runtime.config_threadpool")(AFFINITY_MODES["default"], 0)  # a usable pool again
+        raise UserError(f"{where}: --affinity {config.affinity} gives TVM's thread pool no threads: TVM finds "
+                        f"no {config.affinity} cores there (every core has the same maximum frequency); "
+                        "use --affinity big or default, or give --threads N")
+    if config.threads is not None and used != config.threads:
+        (log.debug if quiet else log.warning)("%s: TVM's thread pool runs %d threads, not the %d asked for (it has no more "
+                    "workers: the cores there, or TVM_NUM_THREADS)", where, used, config.threads)
+    else:
+        (log.debug if quiet else log.info)("%s: TVM's thread pool runs %d threads (%s)", where, used,
+                                           config.describe())
+    return used
+
+
+def configure_local_threads(config: ThreadConfig, quiet: bool = False) -> int | None:
+    """:func:`configure_threads` for this process (``TVM_NUM_THREADS`` set first, so a pool not
+    started yet gets the workers asked for)."""
+    if not config.requested:
+        return None
+    import tvm
+
+    if config.threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(config.threads)
+    return configure_threads(tvm.get_global_func, config, quiet=quiet)
+
 
 @dataclass
 class RunResult:
     output: np.ndarray
     #: per-repeat mean latency in ms (``number`` runs averaged in each); empty when not timed
     times_ms: list[float]
+    #: threads of TVM's pool where it ran, when ``--threads``/``--affinity`` configured it
+    threads: int | None = None
 
     @property
     def median_ms(self) -> float:

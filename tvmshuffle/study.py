@@ -49,7 +49,7 @@ from . import frontend, kernels, pipeline, schedules, targets, tuning
 from ._shipped import display
 from .errors import UserError, writable_output
 from .remote import DeviceTimeout, check_rpc_args
-from .runtime import check
+from .runtime import ThreadConfig, check, configure_local_threads
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,12 @@ class StudyConfig:
     #: the first N distinct layers only (the models after the one that completes them are
     #: not read: their ``models`` and ``calls`` then count the models read)
     layers_limit: int | None = None
-    #: TVM threads on this machine; None: ``TVM_NUM_THREADS`` if set, else every core
-    #: (TVM's own default halves the cores on x86, for hyper-threads)
+    #: TVM threads where the layers run (``--threads``; on a device, set through its session);
+    #: None: here ``TVM_NUM_THREADS`` if set, else every core (TVM's own default halves the
+    #: cores on x86, for hyper-threads), on a device its pool as it is
     threads: int | None = None
+    #: ``--affinity big|little|default`` of TVM's thread pool (None: as it is)
+    affinity: str | None = None
     tolerance: float = 1e-4
     cross_compiler: str | None = None
     seed: int = 0
@@ -116,8 +119,7 @@ class StudyConfig:
             raise UserError(f"--trials-per-layer must be >= 0, got {self.trials_per_layer}")
         if self.layers_limit is not None and self.layers_limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.layers_limit}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        ThreadConfig(self.threads, self.affinity)  # --threads >= 1, --affinity one of the modes
         check_rpc_args(self.rpc_tracker, self.rpc_key, self.rpc_timeout)
         if self.models is not None and not self.models:
             raise UserError("--model: give at least one model (or none for the whole zoo)")
@@ -610,23 +612,15 @@ def tvm_threads() -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
-def set_tvm_threads(threads: int) -> int:
-    """Ask for ``threads`` TVM threads; returns the number TVM's pool really has.
+def set_tvm_threads(threads: int, affinity: str | None = None) -> int:
+    """Ask for ``threads`` TVM threads (pinned as ``affinity`` says: big, little, or default =
+    as they are); returns the number TVM's pool really has
+    (:func:`tvmshuffle.runtime.configure_local_threads`).
 
     Effective only before the pool first runs a parallel loop (``TVM_NUM_THREADS`` is read
     when the pool starts); later it can only shrink.
     """
-    import tvm
-
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if config is not None:
-        config(0, threads)
-    actual = tvm_threads()
-    if actual != threads:
-        log.warning("TVM's thread pool was started before with %d threads; measuring with %d, not %d",
-                    actual, actual, threads)
-    return actual
+    return configure_local_threads(ThreadConfig(threads, affinity))
 
 
 def _stream_kernel(n: int):
@@ -711,10 +705,13 @@ class _RemoteRunner(_Runner):
         self.key = config.rpc_key
         self.emulated = remote.is_emulated_key(self.key)
         targets.export_function(preset)  # UserError now if the linker is missing
+        self.threads: int | None = None  # the device's pool, when --threads/--affinity set it
 
     @property
     def where(self) -> str:
         label = f"{self.key} via {self.host}:{self.port}"
+        if self.threads:
+            label += f", {self.threads} threads"
         return label + (" (EMULATED under qemu: not ARM timings)" if self.emulated else "")
 
     @contextmanager
@@ -722,7 +719,9 @@ class _RemoteRunner(_Runner):
         from . import remote
 
         with remote.Session(self.config.rpc_tracker, self.key, self.config.rpc_timeout,
-                            session_timeout=self.config.session_timeout) as self.session:
+                            session_timeout=self.config.session_timeout,
+                            threads=ThreadConfig(self.config.threads, self.config.affinity)) as self.session:
+            self.threads = self.session.threads
             try:
                 yield
             finally:
@@ -868,7 +867,8 @@ def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
     already there count; layers that have them all are not tuned again)."""
     per_layer = config.trials_per_layer
     options = {"records_dir": study_dir, "rpc_tracker": config.rpc_tracker, "rpc_key": config.rpc_key,
-               "progress": config.progress, **config.tune_options}
+               "progress": config.progress, "threads": config.threads, "affinity": config.affinity,
+               **config.tune_options}
     todo = list(range(len(layers)))
     if (study_dir / tuning.WORKLOAD_FILE).is_file():  # count what is there (a zero budget tunes nothing)
         with _quiet(tuning.log):
@@ -1007,7 +1007,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
     threads = None
     if not remote_run:
         want = config.threads or int(os.environ.get("TVM_NUM_THREADS") or 0) or os.cpu_count() or 1
-        threads = set_tvm_threads(want)
+        threads = set_tvm_threads(want, config.affinity)
     else:
         tuning.check_rpc(config.rpc_tracker, config.rpc_key)  # fail before the slow part
     if layers is None:
@@ -1030,7 +1030,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
             peak = Peak(None, f"{config.rpc_key} is an emulated device (qemu on this host): its speed says "
                                 "nothing of an ARM core's, so no peak is given")
         elif remote_run and not preset.is_cross:  # a device running this machine's kind of code
-            peak = cpu_peak(preset, preset.num_cores or os.cpu_count() or 1)
+            peak = cpu_peak(preset, config.threads or preset.num_cores or os.cpu_count() or 1)
             peak.how += (f" (assumes device {config.rpc_key} is a CPU like this one, every core busy; "
                          "its TVM may run fewer threads)")
         else:

@@ -125,6 +125,16 @@ def resolve(spec: str, cross_compiler: str | None = None) -> TargetPreset:
     return preset
 
 
+def with_threads(preset: TargetPreset, threads: int | None) -> TargetPreset:
+    """``preset`` with ``num-cores`` = ``threads`` (``--threads``: the cores the code will run
+    on, which MetaSchedule sizes its parallel loops for); unchanged when ``threads`` is None."""
+    if threads is None:
+        return preset
+    import dataclasses
+
+    return dataclasses.replace(preset, num_cores=int(threads))
+
+
 def tvm_target(preset: TargetPreset):
     """The :class:`tvm.target.Target` for a preset, with ``num-cores`` set (MetaSchedule needs it)."""
     import tvm

@@ -26,6 +26,13 @@ warning when the database is loaded.
 **Stopping.** Ctrl-C stops after the batch being measured (a second one at once) and keeps
 every record; SIGKILL keeps every record committed before it (each is appended and flushed).
 
+**Many devices, one key.** Over RPC the runner measures as many candidates at once as there are
+devices registered under the key (each in its own session; TVM's tracker hands each session to a
+free device), read from the tracker at the start and again before each batch; builds run in
+parallel here (``builder_workers``). **Threads.** ``threads``/``affinity`` configure the thread
+pool of every measuring session (:func:`tvmshuffle.runtime.configure_threads`) before anything
+is timed, and ``threads`` is the target's ``num-cores``.
+
 **Never a silent hang.** Builds and runs have timeouts; an RPC tracker that cannot be reached
 or a key with no free device is a :class:`~tvmshuffle.errors.UserError` within a bounded
 time; a device that leaves the tracker fails the rest of its batch at once; a batch in which
@@ -59,6 +66,7 @@ from pathlib import Path
 from . import _shipped, targets
 from .errors import UserError
 from .remote import parse_tracker, tracker_summary
+from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +122,19 @@ class TuneConfig:
     #: "hand" or a schedules directory: their schedules (tile sizes sampled) join MetaSchedule's
     #: design space for the fused kernels they fit; None: MetaSchedule's own space only
     seed_schedules: str | None = None
+    #: TVM's thread pool where candidates are measured (``--threads``, ``--affinity``): set in
+    #: each measuring session before timing, so candidates run with the threads the model will
+    #: run with; ``threads`` is also the target's ``num-cores``. None: left as it is
+    threads: int | None = None
+    affinity: str | None = None
+
+    @property
+    def thread_config(self) -> ThreadConfig:
+        return ThreadConfig(self.threads, self.affinity)
 
     def __post_init__(self) -> None:
         self.records_dir = Path(self.records_dir)
+        self.thread_config  # noqa: B018 - validates --threads and --affinity
         if self.trials < 0:
             raise UserError(f"--trials must be ≥ 0, got {self.trials}")
         if self.trials_per_batch < 1:
@@ -493,9 +511,11 @@ def _export(rt_mod, cross_compiler: str | None = None) -> str:
 _DEVICE_GONE = ("no free device with key", "is gone from RPC tracker", "Timeout, killed after")
 
 
-def _request_session(rpc_config, device_wait_sec: float):
+def _request_session(rpc_config, device_wait_sec: float, threads: ThreadConfig | None = None):
     """RPCConfig.connect_server, but a device that left the tracker is an error at once and
-    the wait for a busy one is bounded (upstream waits forever)."""
+    the wait for a busy one is bounded (upstream waits forever); with ``threads``, the
+    session's thread pool on the device is configured before anything is measured in it
+    (MetaSchedule's RPC runner calls this first in each candidate's session)."""
     key = rpc_config.tracker_key
     where = f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
     tracker = rpc_config.connect_tracker()  # bounded by session_timeout_sec
@@ -525,13 +545,67 @@ def _request_session(rpc_config, device_wait_sec: float):
         )
     if "error" in box:
         raise box["error"]
-    return box["session"]
+    session = box["session"]
+    if threads is not None and threads.requested:
+        configure_threads(session.get_function, threads, where=f"device {key!r}", quiet=True)
+    return session
 
 
-def _fail_fast(rpc_runner):
+def _run_evaluator_with_threads(rt_mod, device, evaluator_config, repeated_args, threads: ThreadConfig):
+    """LocalRunner's evaluator after configuring this (the runner worker's) thread pool."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+
+    configure_local_threads(threads, quiet=True)
+    return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
+
+
+def _runner_pool(workers: int, config: TuneConfig):
+    """The RPC runner's process pool: ``workers`` candidates measured at once (one session each,
+    the tracker handing each to a free device of the key); each bounded (RPCRunner's own pool
+    has no timeout: a device that hangs or drops would block it forever)."""
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    return PopenPoolExecutor(max_workers=workers, timeout=config.runner_timeout_sec + config.device_wait_sec)
+
+
+def device_count(tracker: str, key: str, timeout: float = 5.0) -> int:
+    """Servers registered under ``key`` at ``tracker`` (busy or free)."""
+    host, port = parse_tracker(tracker)
+    return _key_counts(tracker_summary(host, port, timeout), key)[0]
+
+
+def _resize_runner(rpc_runner, config: TuneConfig) -> None:
+    """Between batches: one runner worker per device registered under the key now (devices
+    come and go). The old pool is retired, not shut down: candidates of a batch still being
+    measured finish in it (:func:`_shutdown_runner` ends it)."""
+    inst = rpc_runner._inst  # noqa: SLF001 - the Python RPCRunner
+    try:
+        devices = device_count(config.rpc_tracker, config.rpc_key)
+    except UserError as err:  # the tracker did not answer this time: keep the pool as it is
+        log.debug("devices not re-read: %s", err)
+        return
+    if devices < 1 or devices == inst.workers:
+        return  # none registered: the sessions say so (the device is gone)
+    log.info("%d device(s) with key %r now: measuring %d candidates at once (was %d)", devices,
+             config.rpc_key, devices, inst.workers)
+    inst.retired_pools.append(inst.pool)
+    inst.pool = _runner_pool(devices, config)
+    inst.workers = devices
+
+
+def _shutdown_runner(rpc_runner) -> None:
+    inst = rpc_runner._inst  # noqa: SLF001
+    for pool in [*inst.retired_pools, inst.pool]:
+        pool.shutdown(wait=False)
+    inst.retired_pools.clear()
+
+
+def _fail_fast(rpc_runner, config: TuneConfig | None = None):
     """Wrap an RPCRunner: once a candidate finds the device gone (left the tracker, busy past
     the wait, or hung past the timeout), the rest of its batch is skipped instead of each
-    waiting out the same timeouts; the batch then counts as failed."""
+    waiting out the same timeouts; the batch then counts as failed. With ``config``, the
+    runner's workers follow the devices registered under the key, re-read before each batch
+    (:func:`_resize_runner`)."""
     from types import SimpleNamespace
 
     from tvm.ir.utils import derived_object
@@ -562,6 +636,8 @@ def _fail_fast(rpc_runner):
             self.inner = inner
 
         def run(self, runner_inputs):
+            if config is not None:
+                _resize_runner(self.inner, config)
             state = SimpleNamespace(dead=None)
             # ``_inst``: the Python RPCRunner (its FFI ``run`` would return plain RunnerFutures)
             return [FailFastFuture(f, state) for f in self.inner._inst.run(runner_inputs)]
@@ -883,16 +959,19 @@ def make_builder(config: TuneConfig, cross_compiler: str | None = None):
     )
 
 
-def make_runner(config: TuneConfig):
+def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = False):
     """MetaSchedule's runner for ``config``: local, or over RPC. Measures as ``config`` says
     (``EvaluatorConfig(number, repeat, min_repeat_ms, enable_cpu_cache_flush)``), each
     candidate bounded by ``runner_timeout_sec`` (``--timeout``; over RPC plus the wait for a
     free device).
 
+    Over RPC, ``workers`` candidates are measured at once, each in its own session (the
+    tracker hands each session to a free device of the key: one worker per device); with
+    ``follow_devices`` the number is re-read from the tracker before each batch.
+
     Returns (the runner, what to hand MetaSchedule: the same, or the RPC one made to fail fast).
     """
     from tvm.s_tir import meta_schedule as ms
-    from tvm.support.popen_pool import PopenPoolExecutor
 
     evaluator = ms.runner.EvaluatorConfig(
         number=config.number,
@@ -900,9 +979,12 @@ def make_runner(config: TuneConfig):
         min_repeat_ms=config.min_repeat_ms,
         enable_cpu_cache_flush=config.enable_cpu_cache_flush,
     )
+    threads = config.thread_config
     if config.rpc_tracker is None:
-        runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_sec,
-                                       evaluator_config=evaluator)
+        runner = ms.runner.LocalRunner(
+            timeout_sec=config.runner_timeout_sec, evaluator_config=evaluator,
+            f_run_evaluator=(functools.partial(_run_evaluator_with_threads, threads=threads)
+                             if threads.requested else None))
         return runner, runner
     host, port = parse_tracker(config.rpc_tracker)
     rpc_config = ms.runner.RPCConfig(
@@ -911,18 +993,19 @@ def make_runner(config: TuneConfig):
         tracker_key=config.rpc_key,
         session_timeout_sec=config.session_timeout_sec,
     )
+    workers = max(1, int(workers))
     runner = ms.runner.RPCRunner(
         rpc_config,
         evaluator,
-        f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec),
-        max_workers=1,
+        f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec,
+                                           threads=threads if threads.requested else None),
+        max_workers=workers,
     )
-    # RPCRunner's pool has no timeout: a device that hangs or drops would block forever.
-    runner.pool.shutdown()
-    runner.pool = PopenPoolExecutor(
-        max_workers=1, timeout=config.runner_timeout_sec + config.device_wait_sec
-    )
-    return runner, _fail_fast(runner)
+    runner.pool.shutdown()  # its pool has no timeout
+    runner.pool = _runner_pool(workers, config)
+    runner.workers = workers
+    runner.retired_pools = []
+    return runner, _fail_fast(runner, config if follow_devices else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -940,8 +1023,18 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
             "device: give --rpc-tracker HOST:PORT and --rpc-key KEY"
         )
     cross = targets.cross_compiler_command(preset)  # UserError if the linker is missing
+    preset = targets.with_threads(preset, config.threads)  # num-cores = --threads
     if config.rpc_tracker is not None:
         check_rpc(config.rpc_tracker, config.rpc_key, config.device_wait_sec)
+        if config.thread_config.requested:  # what the device's pool gives (it may have fewer cores)
+            from .remote import device_threads
+
+            used = device_threads(config.rpc_tracker, config.rpc_key, config.thread_config,
+                                  timeout=config.device_wait_sec)
+            log.info("candidates are measured with %d threads on %r (%s)", used, config.rpc_key,
+                     config.thread_config.describe())
+    elif config.thread_config.requested:
+        log.info("candidates are measured with %s here", config.thread_config.describe())
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -1063,7 +1156,12 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
 
     with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
         builder = make_builder(config, cross)
-        runner, ms_runner = make_runner(config)
+        devices = 1
+        if config.rpc_tracker is not None:  # one runner worker per device under the key
+            devices = max(1, device_count(config.rpc_tracker, config.rpc_key))
+            log.info("%d device(s) with key %r at %s: measuring up to %d candidates at once",
+                     devices, config.rpc_key, config.rpc_tracker, devices)
+        runner, ms_runner = make_runner(config, devices, follow_devices=True)
         for i in seeded:  # measure the hand schedule first: the search starts from its record
             if stats[i].trials == 0:
                 _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
@@ -1124,6 +1222,6 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
                 signal.signal(signal.SIGINT, previous)
             tracker.bar.close()
             tracker.bar = None
-            if runner is not ms_runner:  # RPC: the pool we made (LocalRunner's dies with it)
-                runner.pool.shutdown(wait=False)
+            if runner is not ms_runner:  # RPC: the pools we made (LocalRunner's dies with it)
+                _shutdown_runner(runner)
     return tracker

@@ -4,10 +4,13 @@
 the popen workers each of them spawns (killing only the leader would orphan them):
 
 * the tracker, ``python -m tvm.exec.rpc_tracker`` on the host Python;
-* the RPC server, TVM's ``tvm.exec.rpc_server`` on the emulated aarch64 Python (through the
-  wrapper of :mod:`.provisioning` and ``_rpc_server_main.py``), registered under a key.
+* the RPC server(s), TVM's ``tvm.exec.rpc_server`` on the emulated aarch64 Python (through the
+  wrapper of :mod:`.provisioning` and ``_rpc_server_main.py``), registered under a key;
+  ``count`` > 1 starts that many under the same key (a farm of devices: the tracker hands each
+  session to a free one).
 
-Their logs go to ``CACHE/logs/`` (``tracker-PORT.log``, ``server-KEY-PORT.log``), their pids to
+Their logs go to ``CACHE/logs/`` (``tracker-PORT.log``, ``server-KEY-PORT.log``; the second and
+later servers of a key ``server-KEY-PORT-N.log``), their pids to
 a state file ``CACHE/run/device-HOST-PORT.json`` (one per tracker address, so a test's device
 and a user's device can run side by side).
 Everything binds to 127.0.0.1 by default: an RPC server runs any code it is sent.
@@ -54,6 +57,13 @@ class DeviceConfig:
     tracker_timeout: float = 60.0
     server_timeout: float = 300.0
     layout: EmulatorLayout = field(default_factory=EmulatorLayout)
+    #: which of the key's servers this is (1, 2, …: ``device up --count N``)
+    index: int = 1
+
+    @property
+    def name(self) -> str:
+        """The server's name in the state file: the key, then ``KEY#2``, ``KEY#3``, …"""
+        return self.key if self.index == 1 else f"{self.key}#{self.index}"
 
     @property
     def tracker_address(self) -> str:
@@ -69,30 +79,36 @@ class DeviceConfig:
 
     @property
     def server_log(self) -> Path:
-        return self.layout.log_dir / f"server-{self.key}-{self.tracker_port}.log"
+        suffix = "" if self.index == 1 else f"-{self.index}"
+        return self.layout.log_dir / f"server-{self.key}-{self.tracker_port}{suffix}.log"
 
 
 # --------------------------------------------------------------------------- public API
 
 
 def up(key: str = DEFAULT_KEY, tracker_port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1",
-       cache_dir: str | Path | None = None, timeout: float = 300.0) -> dict:
-    """Provision if needed, start (or reuse) the tracker and the emulated server; wait for the key.
+       cache_dir: str | Path | None = None, timeout: float = 300.0, count: int = 1) -> dict:
+    """Provision if needed, start (or reuse) the tracker and ``count`` emulated servers under
+    ``key``; wait until the tracker lists ``count`` servers with the key.
 
-    Idempotent: a tracker or server already up is reused. Returns :func:`status`.
+    Idempotent: a tracker or servers already up are reused (servers registered under the key by
+    anyone count; only the missing ones are started). Returns :func:`status`.
     """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"--count must be an integer >= 1, got {count!r}")
     config = _config(key, tracker_port, host, cache_dir, server_timeout=timeout)
     warn_if_exposed(config.host)
     provision(config.layout)
     state = _load_state(config)
     _ensure_tracker(config, state)
-    _ensure_server(config, state)
+    _ensure_servers(config, state, count)
     return status(tracker_port, host, cache_dir)
 
 
 def status(tracker_port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1",
            cache_dir: str | Path | None = None) -> dict:
-    """What runs at ``host:tracker_port``: the tracker's keys and queues, and our pids."""
+    """What runs at ``host:tracker_port``: the tracker's keys and queues, each server registered
+    (:func:`tvmshuffle.remote.device_list`: key, address, free or busy), and our pids."""
     config = _config(DEFAULT_KEY, tracker_port, host, cache_dir)
     state = _load_state(config)
     report = {"tracker": config.tracker_address, "tracker_up": False, "keys": [], "queue": {},
@@ -102,7 +118,7 @@ def status(tracker_port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1",
     except UserError:
         return report
     report.update(tracker_up=True, keys=remote.registered_keys(summary),
-                  queue=summary.get("queue_info", {}), servers=summary.get("server_info", []))
+                  queue=summary.get("queue_info", {}), servers=remote.device_list(summary))
     return report
 
 
@@ -125,9 +141,20 @@ def down(tracker_port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1",
 
 
 def server_log(key: str = DEFAULT_KEY, tracker_port: int = DEFAULT_TRACKER_PORT,
-               cache_dir: str | Path | None = None) -> Path:
-    """The log file of the emulated server ``key`` registered with the tracker on ``tracker_port``."""
-    return _config(key, tracker_port, "127.0.0.1", cache_dir).server_log
+               cache_dir: str | Path | None = None, index: int = 1) -> Path:
+    """The log file of the emulated server ``key`` (the ``index``-th of that key) registered with
+    the tracker on ``tracker_port``."""
+    return _config(key, tracker_port, "127.0.0.1", cache_dir, index=index).server_log
+
+
+def server_logs(key: str = DEFAULT_KEY, tracker_port: int = DEFAULT_TRACKER_PORT,
+                cache_dir: str | Path | None = None) -> list[Path]:
+    """The log files of every emulated server started under ``key`` for this tracker (the
+    first one's path even when it does not exist)."""
+    first = server_log(key, tracker_port, cache_dir)
+    more = sorted(first.parent.glob(f"server-{key}-{tracker_port}-*.log"),
+                  key=lambda p: int(p.stem.rsplit("-", 1)[-1]) if p.stem.rsplit("-", 1)[-1].isdigit() else 0)
+    return [first, *[p for p in more if p.stem.rsplit("-", 1)[-1].isdigit()]]
 
 
 def warn_if_exposed(host: str) -> bool:
@@ -184,58 +211,85 @@ def _tracker_answers(config: DeviceConfig) -> bool:
 # --------------------------------------------------------------------------- server
 
 
-def _ensure_server(config: DeviceConfig, state: dict) -> None:
-    """Reuse a server registered under the key, or start the emulated one and wait for it."""
-    if config.key in _keys(config):
-        log.info("device %r already registered with %s", config.key, config.tracker_address)
+def _ensure_servers(config: DeviceConfig, state: dict, count: int) -> None:
+    """Have ``count`` servers registered under the key: reuse those registered (by anyone) and
+    ours still starting, start the missing ones (all at once), wait for them."""
+    import dataclasses
+
+    registered = _key_count(config)
+    if registered >= count:
+        log.info("device %r: %d server(s) registered with %s", config.key, registered, config.tracker_address)
         return
-    entry = state["servers"].get(config.key)
-    if entry and _leader_alive(entry["pid"]):
-        log.info("device %r is starting (pid %d); waiting for it", config.key, entry["pid"])
-        _wait_for_key(config, entry["pid"], proc=None)
-        return
-    if entry:
-        _stop_group(entry["pid"])  # workers left behind by a server that died
+    servers = [dataclasses.replace(config, index=i) for i in range(1, count + 1)]
+    starting = []  # ours, alive, not (yet) registered: counted, waited for
+    missing = []
+    for server in servers:
+        entry = state["servers"].get(server.name)
+        if entry and _leader_alive(entry["pid"]):
+            starting.append((server, entry["pid"], None))
+        else:
+            missing.append(server)
+    # ours that are alive may be among those registered already
+    to_start = max(0, count - max(registered, len(starting)))
+    started = []
+    for server in missing[:to_start]:
+        entry = state["servers"].get(server.name)
+        if entry:
+            _stop_group(entry["pid"])  # workers left behind by a server that died
+        proc = _start_server(server, state)
+        started.append((server, proc.pid, proc))
+    if started:
+        log.info("starting %d emulated aarch64 RPC server(s) %r (pids %s); under qemu each takes ~40 s "
+                 "to register", len(started), config.key, ", ".join(str(p) for _, p, _ in started))
+    _wait_for_count(config, count, [*starting, *started])
+
+
+def _start_server(config: DeviceConfig, state: dict) -> subprocess.Popen:
     wrapper = str(config.layout.wrapper)
     cmd = [wrapper, str(SERVER_MAIN), wrapper, "--tracker", config.tracker_address, "--key", config.key,
            "--host", config.host, "--port", str(config.server_port), "--port-end", str(config.server_port_end)]
     proc = _spawn(cmd, config.server_log)
-    state["servers"][config.key] = {"pid": proc.pid, "owned": True, "log": str(config.server_log)}
+    state["servers"][config.name] = {"pid": proc.pid, "owned": True, "log": str(config.server_log)}
     _save_state(config, state)
-    log.info("starting the emulated aarch64 RPC server %r (pid %d); under qemu it takes ~40 s "
-             "to register", config.key, proc.pid)
-    _wait_for_key(config, proc.pid, proc)
+    return proc
 
 
-def _wait_for_key(config: DeviceConfig, pid: int, proc: subprocess.Popen | None) -> None:
-    """Poll the tracker until ``config.key`` is listed; a dead or slow server is a UserError."""
+def _wait_for_count(config: DeviceConfig, count: int, ours: list) -> None:
+    """Poll the tracker until ``count`` servers have ``config.key``; one of ``ours`` (``(config,
+    pid, Popen or None)``) dying, or the wait passing ``server_timeout``, is a UserError."""
     start = time.monotonic()
     next_note = start + 15
-    while config.key not in _keys(config):
-        if proc is not None:
-            _fail_if_dead(proc, f"emulated RPC server {config.key!r}", config.server_log)
-        elif not _leader_alive(pid):
-            _stop_group(pid)
-            raise UserError(f"emulated RPC server {config.key!r} (pid {pid}) exited; {_log_tail(config.server_log)}")
+    while (registered := _key_count(config)) < count:
+        for server, pid, proc in ours:
+            what = f"emulated RPC server {server.name!r}"
+            if proc is not None:
+                _fail_if_dead(proc, what, server.server_log)
+            elif not _leader_alive(pid):
+                _stop_group(pid)
+                raise UserError(f"{what} (pid {pid}) exited; {_log_tail(server.server_log)}")
         now = time.monotonic()
         if now - start > config.server_timeout:
-            _stop_group(pid)
-            raise UserError(f"emulated RPC server {config.key!r} did not register with "
+            for _, pid, _ in ours:
+                _stop_group(pid)
+            raise UserError(f"device {config.key!r}: {registered} of {count} server(s) registered with "
                             f"{config.tracker_address} within {config.server_timeout:.0f} s; "
-                            f"{_log_tail(config.server_log)}")
+                            f"{_log_tail(ours[-1][0].server_log) if ours else 'none of them started by tvmshuffle'}")
         if now >= next_note:
-            log.info("  still waiting for %r to register (%.0f s)", config.key, now - start)
+            log.info("  still waiting for %r to register: %d of %d (%.0f s)", config.key, registered, count,
+                     now - start)
             next_note = now + 15
         time.sleep(1.0)
-    log.info("device %r registered with %s after %.0f s", config.key, config.tracker_address,
-             time.monotonic() - start)
+    log.info("device %r: %d server(s) registered with %s after %.0f s", config.key, count,
+             config.tracker_address, time.monotonic() - start)
 
 
-def _keys(config: DeviceConfig) -> list[str]:
+def _key_count(config: DeviceConfig) -> int:
+    """Servers registered under ``config.key`` (busy or free); 0 if the tracker does not answer."""
     try:
-        return remote.registered_keys(remote.tracker_summary(config.host, config.tracker_port, timeout=3.0))
+        summary = remote.tracker_summary(config.host, config.tracker_port, timeout=3.0)
     except UserError:
-        return []
+        return 0
+    return sum(1 for d in remote.device_list(summary) if d["key"] == config.key)
 
 
 # --------------------------------------------------------------------------- processes
