@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tvmshuffle import study, targets
+from tvmshuffle.study import hardware, measure
 from tvmshuffle.errors import UserError
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
@@ -113,10 +114,10 @@ def test_a_wrong_schedule_is_reported_not_timed(two_kinds, tmp_path):
     zeros = te.compute(layer.outputs[0], lambda *i: te.const(0.0, "float32"), name="zeros")
     wrong = te.create_prim_func([*args, zeros])
     preset = targets.resolve("host")
-    runner = study._LocalRunner(preset, small_config(), tmp_path, 1)
+    runner = measure._LocalRunner(preset, small_config(), tmp_path, 1)
     variants = {"default": (layer.func, "", "missing"), "hand": (wrong, "", "missing"),
                 "tuned": (None, "no records", "missing")}
-    rows = {r.schedule: r for r in study._measure_layer(layer, variants, runner, preset, small_config(), 0)}
+    rows = {r.schedule: r for r in measure._measure_layer(layer, variants, runner, preset, small_config(), 0)}
     assert rows["default"].status == "ok" and rows["default"].ms > 0
     assert rows["hand"].status.startswith("wrong") and rows["hand"].ms is None
     assert rows["tuned"].status == "missing" and rows["tuned"].note == "no records"
@@ -184,8 +185,8 @@ def test_cpu_peak_of_an_arm_host_counts_neon(monkeypatch):
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(study, "host_clock_ghz", lambda: (2.0, "test clock"))
-    monkeypatch.setattr(study, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(hardware, "host_clock_ghz", lambda: (2.0, "test clock"))
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: set())
     peak = study.cpu_peak(targets.resolve("host"), threads=2)
     assert peak.gflops == pytest.approx(2 * 4 * 2 * 2 * 2.0)
     assert "4 fp32 lanes (neon)" in peak.how
