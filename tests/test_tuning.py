@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmshuffle import pipeline, runtime, targets, tuning
+from tvmshuffle import pipeline, remote, runtime, targets, tuning
 from tvmshuffle.errors import UserError
 
 from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
@@ -339,7 +339,7 @@ def test_tracker_that_does_not_answer_is_a_user_error(tmp_path):
         silent.listen(4)
         port = silent.getsockname()[1]
         with pytest.raises(UserError, match=rf"cannot reach RPC tracker 127\.0\.0\.1:{port}"):
-            tuning.check_rpc(f"127.0.0.1:{port}", "k", device_wait_sec=0, timeout=2.0)
+            remote.check_rpc(f"127.0.0.1:{port}", "k", device_wait_sec=0, timeout=2.0)
 
 
 @pytest.mark.rpc
@@ -347,9 +347,9 @@ def test_tracker_that_does_not_answer_is_a_user_error(tmp_path):
 def test_key_with_no_device_is_a_user_error(rpc_env):
     start = time.monotonic()
     with pytest.raises(UserError, match=r"no device with key 'no-such-board'.*tvmshuffle-test-host"):
-        tuning.check_rpc(rpc_env.tracker, "no-such-board", device_wait_sec=1.0)
+        remote.check_rpc(rpc_env.tracker, "no-such-board", device_wait_sec=1.0)
     assert time.monotonic() - start < 10
-    assert tuning.check_rpc(rpc_env.tracker, rpc_env.key, device_wait_sec=1.0) == 1
+    assert remote.check_rpc(rpc_env.tracker, rpc_env.key, device_wait_sec=1.0) == 1
 
 
 def test_cross_target_needs_a_device(tiny, tmp_path):
@@ -390,7 +390,7 @@ def test_two_devices_under_one_key_both_serve_one_tuning_session(tiny, tmp_path,
     configured first (``--threads 1 --affinity big``)."""
     mod, preset, _, _ = tiny
     with rpc_tracker_and_server(tmp_path, "tvmshuffle-test-two", servers=2) as env:
-        assert tuning.device_count(env.tracker, env.key) == 2
+        assert remote.device_count(env.tracker, env.key) == 2
         with caplog.at_level(logging.INFO, logger=tuning.log.name):
             res = tuning.tune(mod, preset, tuning.TuneConfig(
                 trials=8, trials_per_batch=4, records_dir=tmp_path / "rec", rpc_tracker=env.tracker,

@@ -120,6 +120,61 @@ def registered_keys(summary: dict) -> list[str]:
     return sorted(keys)
 
 
+def key_counts(summary: dict, key: str) -> tuple[int, int]:
+    """(servers registered with ``key``, free ones)."""
+    total = 0
+    for item in summary.get("server_info", []):
+        if str(item.get("key", "")).split(":", 1)[-1] == key:
+            total += 1
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    return total, free
+
+
+UNKNOWN_KEY_GRACE_SEC = 20.0
+
+
+def check_rpc(tracker: str, key: str, device_wait_sec: float = 300.0, timeout: float = 5.0) -> int:
+    """Check the tracker answers and has a free device with ``key`` (waits up to
+    ``device_wait_sec`` for one). Returns the number of free devices; UserError otherwise."""
+    host, port = parse_tracker(tracker)
+    start = time.monotonic()
+    deadline = start + device_wait_sec
+    waited = False
+    while True:
+        summary = tracker_summary(host, port, timeout)
+        total, free = key_counts(summary, key)
+        if free > 0:
+            return free
+        # a busy device is waited for; a key nobody registers fails after a short grace
+        # (a server re-registers with the tracker a moment after each session)
+        if not total and time.monotonic() >= start + min(device_wait_sec, UNKNOWN_KEY_GRACE_SEC):
+            deadline = time.monotonic()
+        if time.monotonic() >= deadline:
+            if total:
+                raise UserError(
+                    f"RPC tracker {tracker}: all {total} device(s) with key {key!r} are busy "
+                    f"(none free after {device_wait_sec:g} s)"
+                )
+            keys = sorted({str(i.get("key", "")).split(":", 1)[-1]
+                           for i in summary.get("server_info", [])})
+            have = ", ".join(repr(k) for k in keys) if keys else "none"
+            raise UserError(
+                f"RPC tracker {tracker}: no device with key {key!r} after waiting "
+                f"{device_wait_sec:g} s (keys there: {have})"
+            )
+        if not waited:
+            log.info("waiting up to %g s for a free device with key %r on %s",
+                     device_wait_sec, key, tracker)
+            waited = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def device_count(tracker: str, key: str, timeout: float = 5.0) -> int:
+    """Servers registered under ``key`` at ``tracker`` (busy or free)."""
+    host, port = parse_tracker(tracker)
+    return key_counts(tracker_summary(host, port, timeout), key)[0]
+
+
 def device_list(summary: dict) -> list[dict]:
     """Each server registered with the tracker: ``{"key", "address", "state"}``, sorted.
 

@@ -65,7 +65,7 @@ from pathlib import Path
 
 from . import _shipped, targets
 from .errors import UserError
-from .remote import parse_tracker, tracker_summary
+from .remote import check_rpc, device_count, key_counts, parse_tracker
 from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
 log = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ def _request_session(rpc_config, device_wait_sec: float, threads: ThreadConfig |
     key = rpc_config.tracker_key
     where = f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
     tracker = rpc_config.connect_tracker()  # bounded by session_timeout_sec
-    total, _ = _key_counts(tracker.summary(), key)
+    total, _ = key_counts(tracker.summary(), key)
     if total == 0:
         tracker.close()
         raise RuntimeError(f"the device with key {key!r} is gone from RPC tracker {where}")
@@ -566,12 +566,6 @@ def _runner_pool(workers: int, config: TuneConfig):
     from tvm.support.popen_pool import PopenPoolExecutor
 
     return PopenPoolExecutor(max_workers=workers, timeout=config.runner_timeout_sec + config.device_wait_sec)
-
-
-def device_count(tracker: str, key: str, timeout: float = 5.0) -> int:
-    """Servers registered under ``key`` at ``tracker`` (busy or free)."""
-    host, port = parse_tracker(tracker)
-    return _key_counts(tracker_summary(host, port, timeout), key)[0]
 
 
 def _resize_runner(rpc_runner, config: TuneConfig) -> None:
@@ -643,59 +637,6 @@ def _fail_fast(rpc_runner, config: TuneConfig | None = None):
             return [FailFastFuture(f, state) for f in self.inner._inst.run(runner_inputs)]
 
     return FailFastRPCRunner(rpc_runner)
-
-
-# ---------------------------------------------------------------------------------------------
-# RPC checks
-
-
-def _key_counts(summary: dict, key: str) -> tuple[int, int]:
-    """(servers registered with ``key``, free ones)."""
-    total = 0
-    for item in summary.get("server_info", []):
-        if str(item.get("key", "")).split(":", 1)[-1] == key:
-            total += 1
-    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
-    return total, free
-
-
-UNKNOWN_KEY_GRACE_SEC = 20.0
-
-
-def check_rpc(tracker: str, key: str, device_wait_sec: float = 300.0, timeout: float = 5.0) -> int:
-    """Check the tracker answers and has a free device with ``key`` (waits up to
-    ``device_wait_sec`` for one). Returns the number of free devices; UserError otherwise."""
-    host, port = parse_tracker(tracker)
-    start = time.monotonic()
-    deadline = start + device_wait_sec
-    waited = False
-    while True:
-        summary = tracker_summary(host, port, timeout)
-        total, free = _key_counts(summary, key)
-        if free > 0:
-            return free
-        # a busy device is waited for; a key nobody registers fails after a short grace
-        # (a server re-registers with the tracker a moment after each session)
-        if not total and time.monotonic() >= start + min(device_wait_sec, UNKNOWN_KEY_GRACE_SEC):
-            deadline = time.monotonic()
-        if time.monotonic() >= deadline:
-            if total:
-                raise UserError(
-                    f"RPC tracker {tracker}: all {total} device(s) with key {key!r} are busy "
-                    f"(none free after {device_wait_sec:g} s)"
-                )
-            keys = sorted({str(i.get("key", "")).split(":", 1)[-1]
-                           for i in summary.get("server_info", [])})
-            have = ", ".join(repr(k) for k in keys) if keys else "none"
-            raise UserError(
-                f"RPC tracker {tracker}: no device with key {key!r} after waiting "
-                f"{device_wait_sec:g} s (keys there: {have})"
-            )
-        if not waited:
-            log.info("waiting up to %g s for a free device with key %r on %s",
-                     device_wait_sec, key, tracker)
-            waited = True
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1035,8 +976,6 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
                      config.thread_config.describe())
     elif config.thread_config.requested:
         log.info("candidates are measured with %s here", config.thread_config.describe())
-
-    from tvm.s_tir import meta_schedule as ms
 
     target = targets.tvm_target(preset)
     _register_cpu_tensor_intrins()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import schedules, targets, tuning
+from .. import remote, schedules, targets, tuning
 from .._shipped import display
 from ..errors import UserError
 from ..remote import DeviceTimeout
@@ -84,7 +84,6 @@ class _LocalRunner(_Runner):
 
 class _RemoteRunner(_Runner):
     def __init__(self, preset, config, tmp) -> None:
-        from .. import remote
 
         super().__init__(preset, config, tmp)
         self.host, self.port = remote.parse_tracker(config.rpc_tracker)
@@ -102,7 +101,6 @@ class _RemoteRunner(_Runner):
 
     @contextmanager
     def open(self) -> Iterator[None]:
-        from .. import remote
 
         with remote.Session(self.config.rpc_tracker, self.key, self.config.rpc_timeout,
                             session_timeout=self.config.session_timeout,
@@ -362,7 +360,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
     preset = _preset(config)
     remote_run = config.rpc_tracker is not None
     if remote_run:
-        tuning.check_rpc(config.rpc_tracker, config.rpc_key)  # fail before the slow part
+        remote.check_rpc(config.rpc_tracker, config.rpc_key)  # fail before the slow part
     if layers is None:
         layers = fused_layers(config)  # a model name that is wrong fails first
     if not layers:
