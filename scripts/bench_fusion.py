@@ -37,7 +37,8 @@ def pair_layers(unfused_rows, fused_rows):
 def bench_model(name: str, runs: int, tuned: bool):
     import tvm
 
-    from tvmshuffle import frontend, kernels, pipeline, profile, runtime, targets, tuning
+    from tvmshuffle import frontend, kernels, pipeline, profile, runtime, targets
+    from tvmshuffle.records import records_dir_for, records_key
 
     preset = targets.resolve("host")
     imported = frontend.load(name)
@@ -50,7 +51,7 @@ def bench_model(name: str, runs: int, tuned: bool):
         mod = pipeline.lower(imported.mod, preset, fuse=fused)
         records = None
         if tuned:
-            candidate = tuning.records_dir_for(preset.name, tuning.records_key(name, fused, imported.input_shape))
+            candidate = records_dir_for(preset.name, records_key(name, fused, imported.input_shape))
             records = candidate if candidate.exists() else None
         executable, tuned_kernels, _ = pipeline.build(mod, preset, records)
         vm = tvm.relax.VirtualMachine(executable, tvm.cpu())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvmshuffle import bench, frontend, pipeline, runtime, targets, tuning
+from tvmshuffle.records import records_dir_for, records_key
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
 pytestmark = pytest.mark.xdist_group("bench")
@@ -23,7 +24,7 @@ def records_root(tmp_path_factory):
     preset = targets.resolve("host")
     imported = frontend.load(SMALL, SHAPE)
     for fused in (True, False):
-        records = tuning.records_dir_for("host", tuning.records_key(SMALL, fused, SHAPE), root)
+        records = records_dir_for("host", records_key(SMALL, fused, SHAPE), root)
         config = tuning.TuneConfig(trials=4, records_dir=records, trials_per_batch=2, search_population=32,
                                    progress=False)
         tuning.tune(pipeline.lower(imported.mod, preset, fuse=fused), preset, config)

@@ -12,6 +12,7 @@ import pytest
 from conftest import SMALL, SMALL_SHAPE, rpc_tracker_and_server
 
 from tvmshuffle import remote, runtime, targets, tuning
+from tvmshuffle.records import TARGET_FILE
 from tvmshuffle.errors import UserError
 from tvmshuffle.runtime import ThreadConfig
 
@@ -117,7 +118,7 @@ def test_tune_threads_is_the_targets_num_cores(tmp_path):
     imported = frontend.load(SMALL, SMALL_SHAPE)
     mod = pipeline.lower(imported.mod, preset)
     tuning.tune(mod, preset, tuning.TuneConfig(trials=0, records_dir=tmp_path, threads=2, progress=False))
-    assert json.loads((tmp_path / tuning.TARGET_FILE).read_text())["target"]["num-cores"] == 2
+    assert json.loads((tmp_path / TARGET_FILE).read_text())["target"]["num-cores"] == 2
     assert targets.tvm_target(targets.with_threads(targets.PRESETS["aarch64"], 3)).attrs["num-cores"] == 3
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from tvmshuffle import pipeline, remote, runtime, targets, tuning
+from tvmshuffle.records import (RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, records_dir_for, records_key,
+                                write_target_json)
 from tvmshuffle.errors import UserError
 
 from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
@@ -97,13 +99,13 @@ def test_tune_local_records_apply_and_output(tiny, tuned_local):
     res = tuned_local
     rec = res.records_dir
     assert res.trials_run >= 6 and res.trials_total == res.trials_run
-    assert len(_lines(rec / tuning.RECORD_FILE)) == res.trials_total
-    assert len(_lines(rec / tuning.WORKLOAD_FILE)) == len(res.tasks) == 3
+    assert len(_lines(rec / RECORD_FILE)) == res.trials_total
+    assert len(_lines(rec / WORKLOAD_FILE)) == len(res.tasks) == 3
     assert sum(t.trials for t in res.tasks) == res.trials_total
     assert all(t.best_us is not None and t.best_us > 0 for t in res.tasks)
     assert res.est_latency_ms == pytest.approx(sum(t.weight * t.best_us for t in res.tasks) / 1e3)
 
-    stored = json.loads((rec / tuning.TARGET_FILE).read_text())
+    stored = json.loads((rec / TARGET_FILE).read_text())
     assert stored["preset"] == "host"
     assert stored["target"] == json.loads(str(targets.tvm_target(preset)))
 
@@ -122,12 +124,12 @@ def test_tune_local_records_apply_and_output(tiny, tuned_local):
 @pytest.mark.timeout(120)
 def test_budget_already_met_does_nothing(tiny, tuned_local):
     mod, preset, _, _ = tiny
-    before = (tuned_local.records_dir / tuning.RECORD_FILE).read_bytes()
+    before = (tuned_local.records_dir / RECORD_FILE).read_bytes()
     res = tuning.tune(mod, preset, tuning.TuneConfig(
         trials=tuned_local.trials_total, records_dir=tuned_local.records_dir, **FAST))
     assert res.trials_run == 0
     assert res.trials_total == tuned_local.trials_total
-    assert (tuned_local.records_dir / tuning.RECORD_FILE).read_bytes() == before
+    assert (tuned_local.records_dir / RECORD_FILE).read_bytes() == before
 
 
 @pytest.mark.slow
@@ -136,18 +138,18 @@ def test_apply_tolerates_a_torn_last_line(tiny, tuned_local, tmp_path, caplog):
     mod, preset, x, expected = tiny
     rec = tmp_path / "rec"
     rec.mkdir()
-    for name in (tuning.WORKLOAD_FILE, tuning.RECORD_FILE, tuning.TARGET_FILE):
+    for name in (WORKLOAD_FILE, RECORD_FILE, TARGET_FILE):
         (rec / name).write_bytes((tuned_local.records_dir / name).read_bytes())
-    whole = (rec / tuning.RECORD_FILE).read_bytes()
+    whole = (rec / RECORD_FILE).read_bytes()
     last = whole.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    (rec / tuning.RECORD_FILE).write_bytes(whole + last[: len(last) // 2])  # killed mid-append
+    (rec / RECORD_FILE).write_bytes(whole + last[: len(last) // 2])  # killed mid-append
     with caplog.at_level(logging.WARNING, logger="tvmshuffle.tuning"):
         out, tuned = _run(mod, preset, rec, x)
     assert tuned >= 1
     assert "truncated last line" in caplog.text
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     # applying does not modify the records
-    assert (rec / tuning.RECORD_FILE).read_bytes() == whole + last[: len(last) // 2]
+    assert (rec / RECORD_FILE).read_bytes() == whole + last[: len(last) // 2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def test_tiny_tune_measures_as_configured(tiny, tmp_path):
     res = tuning.tune(mod, preset, tuning.TuneConfig(
         trials=2, records_dir=rec, **{**FAST, "repeat": 3, "runner_timeout_sec": 30, "builder_timeout_sec": 60}))
     assert res.trials_run >= 2
-    lines = [json.loads(ln) for ln in _lines(rec / tuning.RECORD_FILE)]
+    lines = [json.loads(ln) for ln in _lines(rec / RECORD_FILE)]
     assert len(lines) == res.trials_total
     run_secs = [record[1] for _, record in lines]  # a line: [workload, [trace, run_secs, target, args]]
     measured = [r for r in run_secs if r and max(r) < 1e9]
@@ -219,9 +221,9 @@ def test_tiny_tune_measures_as_configured(tiny, tmp_path):
 
 def _fake_records(path: Path, preset_name: str) -> Path:
     path.mkdir(parents=True)
-    (path / tuning.WORKLOAD_FILE).write_text("")
-    (path / tuning.RECORD_FILE).write_text("")
-    tuning._write_target_json(path, targets.resolve(preset_name))
+    (path / WORKLOAD_FILE).write_text("")
+    (path / RECORD_FILE).write_text("")
+    write_target_json(path, targets.resolve(preset_name))
     return path
 
 
@@ -230,7 +232,7 @@ def test_apply_refuses_records_of_another_target(tiny, tmp_path):
     mod, preset, _, _ = tiny
     rec = _fake_records(tmp_path / "aarch64" / "tiny", "aarch64")
     with pytest.raises(UserError, match=r"tuned for target aarch64.*not for host.*15549"):
-        tuning.apply_records(mod, preset, rec)
+        apply_records(mod, preset, rec)
     # and tuning refuses to add host records to them
     with pytest.raises(UserError, match="refusing to add to"):
         tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
@@ -244,13 +246,13 @@ def test_records_of_another_cpu_are_set_aside_with_a_note(tiny, tuned_local, tmp
     mod, preset, x, expected = tiny
     rec = tmp_path / "host" / "tiny"
     shutil.copytree(tuned_local.records_dir, rec)
-    stored = json.loads((rec / tuning.TARGET_FILE).read_text())
+    stored = json.loads((rec / TARGET_FILE).read_text())
     ours = stored["target"].get("mcpu", "generic")
     stored["target"]["mcpu"] = "znver1" if ours != "znver1" else "znver4"
-    (rec / tuning.TARGET_FILE).write_text(json.dumps(stored))
+    (rec / TARGET_FILE).write_text(json.dumps(stored))
 
     with caplog.at_level(logging.WARNING, logger="tvmshuffle.tuning"):
-        applied, tuned = tuning.apply_records(mod, preset, rec)
+        applied, tuned = apply_records(mod, preset, rec)
     assert tuned == 0
     note = " ".join(r.getMessage() for r in caplog.records)
     for needle in (f"tuned on {stored['target']['mcpu']}", f"this CPU is {ours}", "set aside",
@@ -268,14 +270,14 @@ def test_records_of_another_cpu_are_set_aside_with_a_note(tiny, tuned_local, tmp
 def test_apply_refuses_missing_or_empty_dirs(tiny, tmp_path):
     mod, preset, _, _ = tiny
     with pytest.raises(UserError, match="no such directory"):
-        tuning.apply_records(mod, preset, tmp_path / "nope")
+        apply_records(mod, preset, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no tuning database"):
-        tuning.apply_records(mod, preset, tmp_path / "empty")
+        apply_records(mod, preset, tmp_path / "empty")
     rec = _fake_records(tmp_path / "untagged", "host")
-    (rec / tuning.TARGET_FILE).unlink()
+    (rec / TARGET_FILE).unlink()
     with pytest.raises(UserError, match="no target.json"):
-        tuning.apply_records(mod, preset, rec)
+        apply_records(mod, preset, rec)
 
 
 @pytest.mark.timeout(60)
@@ -291,18 +293,18 @@ def test_records_dir_for(monkeypatch):
     monkeypatch.delenv("TVMSHUFFLE_TUNING_LOGS", raising=False)
     repo_logs = Path(tuning.__file__).resolve().parent.parent / "tuning_logs"
     assert repo_logs.is_dir()  # the shipped records: the default root in a checkout
-    assert tuning.records_dir_for("rpi4", "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
-    assert tuning.records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
+    assert records_dir_for("rpi4", "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
+    assert records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
     monkeypatch.setenv("TVMSHUFFLE_TUNING_LOGS", "/elsewhere")
-    assert tuning.records_dir_for("host", "m") == Path("/elsewhere/host/m")
+    assert records_dir_for("host", "m") == Path("/elsewhere/host/m")
 
 
 def test_records_key_sets_apart_other_modules():
-    assert tuning.records_key("m") == "m"
-    assert tuning.records_key("m", fused=False) == "m-unfused"
-    assert tuning.records_key("m", True, (1, 3, 224, 224)) == "m"
-    assert tuning.records_key("m", False, (1, 3, 160, 128)) == "m-unfused-160x128"
-    assert tuning.records_key("m", True, (4, 3, 224, 224)) == "m-b4"
+    assert records_key("m") == "m"
+    assert records_key("m", fused=False) == "m-unfused"
+    assert records_key("m", True, (1, 3, 224, 224)) == "m"
+    assert records_key("m", False, (1, 3, 160, 128)) == "m-unfused-160x128"
+    assert records_key("m", True, (4, 3, 224, 224)) == "m-b4"
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def test_all_builds_failing_stops_with_the_builders_message(tiny, tmp_path):
     with pytest.raises(UserError, match=r"all \d+ builds .* failed: LocalBuilder: Timeout"):
         tuning.tune(mod, preset, config)
     # the builder's fault, not the schedules': the batch is not committed, no budget spent
-    assert _lines(rec / tuning.RECORD_FILE) == []
+    assert _lines(rec / RECORD_FILE) == []
 
 
 @pytest.mark.timeout(10)
@@ -373,7 +375,7 @@ def test_tune_over_rpc(tiny, rpc_env, tmp_path):
         trials=4, records_dir=rec, rpc_tracker=rpc_env.tracker, rpc_key=rpc_env.key,
         session_timeout_sec=30, device_wait_sec=30, **FAST))
     assert res.trials_run >= 4
-    assert len(_lines(rec / tuning.RECORD_FILE)) == res.trials_total
+    assert len(_lines(rec / RECORD_FILE)) == res.trials_total
     measured = [t for t in res.tasks if t.best_us is not None]
     assert measured, "no candidate ran on the RPC server"
     out, tuned = _run(mod, preset, rec, x)
@@ -465,7 +467,7 @@ def test_ctrl_c_and_sigkill_keep_records_and_rerun_resumes(tiny, tmp_path, caplo
 
     mod, preset, x, expected = tiny
     rec = tmp_path / "host" / "tiny"
-    records = rec / tuning.RECORD_FILE
+    records = rec / RECORD_FILE
     (tmp_path / "mod.json").write_text(tvm.ir.save_json(mod))
     (tmp_path / "tune.py").write_text(_TUNE_SCRIPT)
     budget = 60  # far more than it gets to do before being stopped
@@ -495,7 +497,7 @@ def test_ctrl_c_and_sigkill_keep_records_and_rerun_resumes(tiny, tmp_path, caplo
     # what was measured is on disk and loads
     kept = len(_lines(records))
     assert kept > after_int
-    db = ms.database.JSONDatabase(path_workload=str(rec / tuning.WORKLOAD_FILE),
+    db = ms.database.JSONDatabase(path_workload=str(rec / WORKLOAD_FILE),
                                   path_tuning_record=str(records))
     assert len(db) == kept
     # the kill may also land mid-append: a torn last line must not break the rerun

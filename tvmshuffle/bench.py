@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import frontend, pipeline, remote, targets, tuning
+from . import frontend, pipeline, remote, targets
+from .records import WORKLOAD_FILE, records_dir_for, records_key
 from ._shipped import display
 from .errors import UserError
 from . import runtime
@@ -206,10 +207,10 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
 def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     """``--tuning-records``: a records dir (the fused one; ``<dir>-unfused`` beside it) or a root
     like ``tuning_logs/`` (``<root>/<target>/<model>[-unfused]``); None: the shipped records."""
-    if root is not None and (Path(root) / tuning.WORKLOAD_FILE).exists():
+    if root is not None and (Path(root) / WORKLOAD_FILE).exists():
         root = Path(root)
         return root if fused else root.with_name(root.name + "-unfused")
-    return tuning.records_dir_for(preset.name, tuning.records_key(imported.name, fused, imported.input_shape), root)
+    return records_dir_for(preset.name, records_key(imported.name, fused, imported.input_shape), root)
 
 
 def tuned_note(tuned_kernels: int, records: Path) -> str:

@@ -144,6 +144,7 @@ def cmd_tune(args) -> int:
     import dataclasses
 
     from . import frontend, pipeline, targets, tuning
+    from .records import records_dir_for, records_key
 
     # the flags are checked before the slow import; the records dir may need the model's name
     measure = {k: v for k, v in (("number", args.number), ("repeat", args.repeat),
@@ -158,8 +159,8 @@ def cmd_tune(args) -> int:
                                affinity=args.affinity, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
-    records = Path(args.tuning_records) if args.tuning_records else tuning.records_dir_for(
-        preset.name, tuning.records_key(imported.name, not args.no_fuse, imported.input_shape))
+    records = Path(args.tuning_records) if args.tuning_records else records_dir_for(
+        preset.name, records_key(imported.name, not args.no_fuse, imported.input_shape))
     config = dataclasses.replace(config, records_dir=records)
     mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
     result = tuning.tune(mod, preset, config)

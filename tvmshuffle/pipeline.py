@@ -102,7 +102,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     ``meta_schedule.layout_rewrite_preproc``; ``SplitLayoutRewritePreproc`` + ``FoldConstant``
     move that repacking into the constant weights, so it is done once, at compile time (the
     kernel is then called ``<name>_prepacked``). Records tuned on another CPU are set aside
-    with a note unless ``force_records`` (:func:`tvmshuffle.tuning.check_records`).
+    with a note unless ``force_records`` (:func:`tvmshuffle.check_records`).
     """
     import tvm
     from tvm import relax
@@ -113,9 +113,9 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     if schedule_source != schedules.DEFAULT:
         mod, hand = schedules.apply(mod, preset, schedule_source)
     if tuning_records is not None:
-        from . import tuning
+        from .records import apply_records
 
-        mod, tuned = tuning.apply_records(mod, preset, Path(tuning_records), force_records)
+        mod, tuned = apply_records(mod, preset, Path(tuning_records), force_records)
     with targets.tvm_target(preset):
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
@@ -296,10 +296,10 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     targets.cross_compiler_command(preset)  # fail before the slow part if the linker is missing
     records = config.tuning_records
     if records is not None:
-        from . import tuning
+        from .records import check_records
 
         # and if the records do not fit; another CPU's are set aside here, with a note
-        records = records if tuning.check_records(Path(records), preset, config.force_records) else None
+        records = records if check_records(Path(records), preset, config.force_records) else None
     if config.schedules != "default":
         from . import schedules
 

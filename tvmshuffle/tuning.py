@@ -1,15 +1,17 @@
-"""MetaSchedule tuning: records on disk, resumable, bounded in time, applied at build.
+"""MetaSchedule tuning: the search loop (builder, runners, progress, curve), resumable, bounded in
+time. The records it writes are :mod:`tvmshuffle.records`' concern (paths, target.json, torn-line
+repair, applying them at build time).
 
 ``tune(mod, preset, TuneConfig(...))`` tunes the fused PrimFuncs of a lowered Relax module
 (after LegalizeOps → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR, see
 :func:`tvmshuffle.pipeline.lower`) and writes, under ``records_dir``
-(``tuning_logs/<target>/<model>/`` by :func:`records_dir_for`):
+(``tuning_logs/<target>/<model>/`` by :func:`tvmshuffle.records.records_dir_for`):
 
 ``database_workload.json`` / ``database_tuning_record.json``
     MetaSchedule's ``JSONDatabase``: one JSON line per workload / measured candidate,
     appended (and flushed) as each batch is committed, so a killed run keeps what it measured.
 ``target.json``
-    the exact target the records were tuned for; :func:`apply_records` refuses records of
+    the exact target the records were tuned for; :func:`tvmshuffle.records.apply_records` refuses records of
     another target (upstream's database is not target-aware, apache/tvm#15549).
 ``curve.json``
     estimated network latency (sum over tasks of weight × best latency) against trials.
@@ -63,22 +65,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _shipped, targets
+from . import targets
 from .errors import UserError
+from .records import (TARGET_FILE, atomic_write, check_target, has_database, open_database, repair_database_files,
+                      write_target_json)
 from .remote import check_rpc, device_count, key_counts, parse_tracker
 from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
 log = logging.getLogger(__name__)
 
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-TARGET_FILE = "target.json"
 CURVE_FILE = "curve.json"
 
 #: run_secs at or above this mark a candidate that failed (MetaSchedule stores 1e10)
 _FAILED_SECS = 1e9
-#: target attributes that do not change the generated code (compared with a warning only)
-_NON_CODEGEN_KEYS = ("num-cores",)
 
 
 @dataclass
@@ -175,285 +174,6 @@ class TuneResult:
     tasks: list[TaskStat] = field(default_factory=list)
     est_latency_ms: float | None = None  # sum of weight × best latency (None: a task unmeasured)
     wall_time_s: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# records dir, target.json, database files
-
-
-def default_root() -> Path:
-    """Where records live: ``$TVMSHUFFLE_TUNING_LOGS``, else the shipped ``tuning_logs/``
-    (:func:`tvmshuffle._shipped.path`: the repository's own directory in an editable install)."""
-    env = os.environ.get("TVMSHUFFLE_TUNING_LOGS")
-    if env:
-        return Path(env)
-    return _shipped.path("tuning_logs")
-
-
-def records_key(model_name: str, fused: bool = True, input_shape=None) -> str:
-    """The ``<model>`` part of a records dir: ``-unfused`` and ``-HxW`` (not 224x224) set apart
-    records of modules with other kernels."""
-    key = model_name if fused else f"{model_name}-unfused"
-    if input_shape is not None and tuple(input_shape)[2:] != (224, 224):
-        key += f"-{input_shape[2]}x{input_shape[3]}"
-    if input_shape is not None and input_shape[0] != 1:
-        key += f"-b{input_shape[0]}"
-    return key
-
-
-def records_dir_for(target_name: str, model_name: str, root: Path | None = None) -> Path:
-    """``tuning_logs/<target-name>/<model>/`` (path separators in the names become ``_``)."""
-    root = default_root() if root is None else root
-
-    def clean(name: str) -> str:
-        name = str(name).replace(os.sep, "_").replace("/", "_").strip()
-        return name if name not in ("", ".", "..") else "_"
-
-    return Path(root) / clean(target_name) / clean(model_name)
-
-
-def _target_dict(preset: targets.TargetPreset) -> dict:
-    """The canonical JSON dict of the TVM target a preset compiles for (with num-cores)."""
-    return json.loads(str(targets.tvm_target(preset)))
-
-
-def _target_text(target: dict) -> str:
-    return json.dumps(target, sort_keys=True, separators=(",", ":"))
-
-
-def _codegen_part(target: dict) -> dict:
-    return {k: v for k, v in target.items() if k not in _NON_CODEGEN_KEYS}
-
-
-def _read_target_json(records_dir: Path) -> dict | None:
-    path = records_dir / TARGET_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
-            raise ValueError("no 'target' object")
-        return data
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: unreadable target record ({err})") from None
-
-
-def _isa(target: dict, stored: dict | None = None) -> str:
-    """The vector ISA a target's code uses ("avx2", "neon", or its triple): recorded in
-    target.json; for older records, read from the triple (no triple: the shipped x86 records)."""
-    if stored and stored.get("isa"):
-        return stored["isa"]
-    triple = str(target.get("mtriple", "")) or "x86_64"
-    if triple.startswith(("aarch64", "arm64")):
-        return "neon"
-    return "avx2" if triple.startswith(("x86_64", "amd64", "i686")) else triple
-
-
-def _preset_isa(preset: targets.TargetPreset) -> str:
-    from . import schedules
-
-    try:
-        return schedules.isa_for(preset).name
-    except UserError:  # an ISA with no hand schedules
-        return _isa(_target_dict(preset))
-
-
-def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
-                  force: bool = False) -> bool:
-    """Whether records in ``records_dir`` may be used for ``preset``.
-
-    Records of another ISA, or of another target when adding to them, are refused
-    (UserError). Records of another CPU of the same ISA (another ``-mcpu``) are set aside
-    with a note (False): tuning records belong to the CPU that measured them. ``force``
-    applies them anyway.
-    """
-    stored = _read_target_json(records_dir)
-    current = _target_dict(preset)
-    if stored is None:
-        raise UserError(
-            f"{records_dir}: no {TARGET_FILE}, so the target these records were tuned for is "
-            f"unknown; refusing to {purpose} them (tune with `tvmshuffle tune` to record it)"
-        )
-    theirs = stored["target"]
-    if _codegen_part(theirs) != _codegen_part(current):
-        other_cpu_only = (purpose == "apply" and _isa(theirs, stored) == _preset_isa(preset)
-                          and _codegen_part({**theirs, "mcpu": None}) == _codegen_part({**current, "mcpu": None}))
-        if not other_cpu_only:
-            raise UserError(
-                f"{records_dir}: records were tuned for target {stored.get('preset', '?')} "
-                f"{_target_text(_codegen_part(theirs))}, not for {preset.name} "
-                f"{_target_text(_codegen_part(current))}; refusing to {purpose} them "
-                "(MetaSchedule's database is not target-aware, apache/tvm#15549)"
-            )
-        cpus = f"tuned on {theirs.get('mcpu', 'generic')}, this CPU is {current.get('mcpu', 'generic')}"
-        if force:
-            log.warning("%s: records %s; applying them anyway (--force-records)", _shipped.display(records_dir), cpus)
-            return True
-        log.warning("%s: records %s: set aside, they belong to the CPU that measured them (tune for this CPU: "
-                    "tvmshuffle tune MODEL --target %s --trials 400; or --force-records)",
-                    _shipped.display(records_dir), cpus, preset.name)
-        return False
-    for key in _NON_CODEGEN_KEYS:
-        if theirs.get(key) != current.get(key):
-            log.warning("%s: records tuned with %s=%s, now %s=%s", records_dir, key,
-                        theirs.get(key), key, current.get(key))
-    return True
-
-
-def _write_target_json(records_dir: Path, preset: targets.TargetPreset) -> None:
-    import tvm
-
-    data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
-            "tvm": tvm.__version__}
-    _atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _torn_tail(path: Path) -> tuple[bytes, int] | None:
-    """If the last line of a JSON-lines file is torn (killed mid-append): the good part and
-    the number of bytes dropped; None if the file is whole.
-
-    Each line is one JSON array, so a prefix of a line that still parses is the whole line
-    (only its newline is missing, which is added back).
-    """
-    data = path.read_bytes()
-    body = data.rstrip(b"\n")
-    if not body:
-        return None
-    last = body.rsplit(b"\n", 1)[-1]
-    try:
-        json.loads(last)
-    except ValueError:
-        cut = len(body) - len(last)
-        return data[:cut], len(data) - cut
-    if data.endswith(b"\n"):
-        return None
-    return data + b"\n", 0
-
-
-def _repair_database_files(records_dir: Path, in_place: bool) -> Path:
-    """Drop a torn trailing line of the database files (with a warning).
-
-    ``in_place``: rewrite the files (tuning owns the dir); else write repaired copies to a
-    temporary dir and return it (applying records must not modify them). Returns the dir to
-    load the database from.
-    """
-    torn = {}
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        path = records_dir / name
-        if path.exists():
-            result = _torn_tail(path)
-            if result is not None:
-                torn[name] = result
-    if not torn:
-        return records_dir
-    for name, (_, dropped) in torn.items():
-        if dropped:
-            log.warning("%s: dropping a truncated last line (%d bytes; the run writing it was "
-                        "killed mid-write)", records_dir / name, dropped)
-    if in_place:
-        for name, (good, _) in torn.items():
-            path = records_dir / name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(good)
-            os.replace(tmp, path)
-        return records_dir
-    copy = Path(tempfile.mkdtemp(prefix="tvmshuffle-records-"))
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        src = records_dir / name
-        data = torn[name][0] if name in torn else src.read_bytes()
-        (copy / name).write_bytes(data)
-    return copy
-
-
-def _open_database(db_dir: Path, where: Path):
-    """MetaSchedule's JSONDatabase on ``db_dir`` (files created when missing)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        return ms.database.JSONDatabase(
-            path_workload=str(db_dir / WORKLOAD_FILE),
-            path_tuning_record=str(db_dir / RECORD_FILE),
-            allow_missing=True,
-            module_equality="structural",
-        )
-    except Exception as err:  # noqa: BLE001 - TVM raises its own error kinds
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        raise UserError(
-            f"{where}: cannot load the tuning database ({lines[0] if lines else err!r})"
-        ) from None
-
-
-def _has_database(records_dir: Path) -> bool:
-    return (records_dir / WORKLOAD_FILE).is_file() and (records_dir / RECORD_FILE).is_file()
-
-
-# ---------------------------------------------------------------------------------------------
-# applying records at build time
-
-
-def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> bool:
-    """UserError unless ``records_dir`` holds a tuning database for ``preset``'s ISA; False
-    (with a note) if it was tuned on another CPU and ``force`` is not set: see :func:`_check_target`."""
-    records_dir = Path(records_dir)
-    if not records_dir.is_dir():
-        raise UserError(f"--tuning-records {records_dir}: no such directory")
-    if not _has_database(records_dir):
-        raise UserError(
-            f"--tuning-records {records_dir}: no tuning database there "
-            f"({WORKLOAD_FILE}, {RECORD_FILE}); run `tvmshuffle tune` first"
-        )
-    return _check_target(records_dir, preset, "apply", force)
-
-
-def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
-    """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
-
-    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
-    records dir that does not exist, has no database, or was tuned for another ISA; records
-    of another CPU are set aside (0 tuned) unless ``force``.
-    """
-    import tvm
-    from tvm import relax
-
-    records_dir = Path(records_dir)
-    if not check_records(records_dir, preset, force):
-        return mod, 0
-    db_dir = _repair_database_files(records_dir, in_place=False)
-    try:
-        database = _open_database(db_dir, records_dir)  # reads the files, writes nothing
-    finally:
-        if db_dir != records_dir:
-            import shutil
-
-            shutil.rmtree(db_dir, ignore_errors=True)
-    target = targets.tvm_target(preset)
-    before = _scheduled_funcs(mod)
-    with target, database:
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    tuned = len(_scheduled_funcs(applied) - before)
-    kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-    log.info("applied tuning records from %s: %d of %d kernels tuned", records_dir, tuned, kernels)
-    return applied, tuned
-
-
-def _scheduled_funcs(mod) -> set[str]:
-    import tvm
-
-    names = set()
-    for gv, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None:
-            if bool(func.attrs.get("tirx.is_scheduled", False)):
-                names.add(gv.name_hint)
-    return names
 
 
 def _register_cpu_tensor_intrins() -> None:
@@ -709,7 +429,7 @@ class _Tracker:
         else:
             self.curve.append(point)
         try:
-            _atomic_write(self.curve_path, json.dumps(self.curve, indent=1) + "\n")
+            atomic_write(self.curve_path, json.dumps(self.curve, indent=1) + "\n")
         except OSError as err:
             log.warning("cannot write %s: %s", self.curve_path, err)
 
@@ -980,11 +700,11 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     target = targets.tvm_target(preset)
     _register_cpu_tensor_intrins()
     records_dir.mkdir(parents=True, exist_ok=True)
-    if (records_dir / TARGET_FILE).exists() or _has_database(records_dir):
-        _check_target(records_dir, preset, "add to")
-    _write_target_json(records_dir, preset)
-    _repair_database_files(records_dir, in_place=True)
-    database = _open_database(records_dir, records_dir)
+    if (records_dir / TARGET_FILE).exists() or has_database(records_dir):
+        check_target(records_dir, preset, "add to")
+    write_target_json(records_dir, preset)
+    repair_database_files(records_dir, in_place=True)
+    database = open_database(records_dir, records_dir)
 
     extracted = [t for t in _extract_tasks(mod, target)
                  if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]

@@ -32,7 +32,7 @@ class StudyConfig:
     input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
     #: a records dir (has a tuning database or target.json) or a root like ``tuning_logs/``
     #: (``<root>/<target>/study`` first, then the other fused records dirs of the target);
-    #: None: the default root (:func:`tvmshuffle.tuning.default_root`)
+    #: None: the default root (:func:`tvmshuffle.records.default_root`)
     tuning_records: Path | None = None
     #: 0: no tuning (layers without records: tuned "missing"); N: every layer gets N trials
     #: in the study records dir first (resumable: trials already there count)

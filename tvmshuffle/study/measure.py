@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import remote, schedules, targets, tuning
+from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
 from ..errors import UserError
 from ..remote import DeviceTimeout
@@ -159,7 +160,7 @@ def _layers_module(layers: list[Layer], indices=None):
 
 
 def _is_records_dir(path: Path) -> bool:
-    return (path / tuning.WORKLOAD_FILE).is_file() or (path / tuning.TARGET_FILE).is_file()
+    return (path / WORKLOAD_FILE).is_file() or (path / TARGET_FILE).is_file()
 
 
 def records_dirs(config: StudyConfig, preset: targets.TargetPreset) -> tuple[Path, list[Path]]:
@@ -168,13 +169,13 @@ def records_dirs(config: StudyConfig, preset: targets.TargetPreset) -> tuple[Pat
     given = config.tuning_records
     if given is not None and _is_records_dir(given):
         return given, []
-    root = given if given is not None else tuning.default_root()
-    study = tuning.records_dir_for(preset.name, STUDY_RECORDS, root)
+    root = given if given is not None else default_root()
+    study = records_dir_for(preset.name, STUDY_RECORDS, root)
     others = []
     if study.parent.is_dir():
         others = sorted(d for d in study.parent.iterdir()
                         if d.is_dir() and d != study and not d.name.endswith("-unfused")
-                        and (d / tuning.WORKLOAD_FILE).is_file() and (d / tuning.RECORD_FILE).is_file())
+                        and (d / WORKLOAD_FILE).is_file() and (d / RECORD_FILE).is_file())
     return study, others
 
 
@@ -192,10 +193,10 @@ def tuned_funcs(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
         missing = [i for i in range(len(layers)) if i not in found]
         if not missing:
             break
-        if not ((records / tuning.WORKLOAD_FILE).is_file() and (records / tuning.RECORD_FILE).is_file()):
+        if not ((records / WORKLOAD_FILE).is_file() and (records / RECORD_FILE).is_file()):
             continue
         try:
-            applied, _ = tuning.apply_records(_layers_module(layers, missing), preset, records)
+            applied, _ = apply_records(_layers_module(layers, missing), preset, records)
         except UserError as err:
             log.warning("%s", err)
             notes.append(str(err))
@@ -225,7 +226,7 @@ def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
                "progress": config.progress, "threads": config.threads, "affinity": config.affinity,
                **config.tune_options}
     todo = list(range(len(layers)))
-    if (study_dir / tuning.WORKLOAD_FILE).is_file():  # count what is there (a zero budget tunes nothing)
+    if (study_dir / WORKLOAD_FILE).is_file():  # count what is there (a zero budget tunes nothing)
         with _quiet(tuning.log):
             counted = tuning.tune(_layers_module(layers), preset, tuning.TuneConfig(trials=0, **options))
         counts = {t.name: t.trials for t in counted.tasks}
