@@ -1,4 +1,5 @@
-"""Hand schedules for the fused shuffle+conv kernels (``schedules/``): numerics, targets, CLI.
+"""Hand schedules for the fused shuffle+conv kernels (``schedules/``): numerics, targets, CLI,
+and the one database they share with the tuning records.
 
 Every schedule is applied to a fused PrimFunc as the compiler makes it (shuffle_group_conv2d +
 bias + ReLU / residual add, after FuseOps/FuseTIR), built for this CPU (AVX2) and for aarch64
@@ -96,9 +97,9 @@ def test_hand_schedule_matches_the_reference_op_and_the_default_build(name):
     assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
     assert schedules.schedule_primfunc(func, HOST) is not None, f"no hand schedule fits {layer}"
 
-    hand, _, n_hand = pipeline.build(mod, HOST, schedule_source="hand")
+    hand, _, n_hand = pipeline.build(mod, HOST)  # hand schedules: the default
     assert schedules.describe(_fused_funcs(mod)[0]) is not None  # the caller's module is untouched
-    default, _, n_default = pipeline.build(mod, HOST)
+    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
     assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
     out_hand, out_default = _run(hand, data), _run(default, data)
@@ -202,7 +203,7 @@ def test_a_schedule_directory_can_be_the_users(tmp_path):
     (tmp_path / "broken.py").write_text("NAME = 'broken'\n")
     with pytest.raises(UserError, match=r"broken\.py: a schedule file must define NAME, matches and apply"):
         schedules.load(tmp_path)
-    with pytest.raises(UserError, match="not 'default', 'hand' or a directory"):
+    with pytest.raises(UserError, match="not 'hand', 'none' or a directory"):
         schedules.load(tmp_path / "missing")
     (tmp_path / "broken.py").unlink()
     src = schedules.shipped_dir() / "depthwise.py"
@@ -223,9 +224,9 @@ def _cli(*args, timeout=900):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
-def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
+def test_a_default_compile_has_hand_schedules_and_matches_pytorch(model, tmp_path):
     library = tmp_path / "model.so"
-    proc = _cli("compile", model, "--input-shape", "1,3,64,64", "--schedules", "hand", "-o", str(library))
+    proc = _cli("compile", model, "--input-shape", "1,3,64,64", "-o", str(library))  # no --schedules
     assert proc.returncode == 0, proc.stderr
     meta = json.loads(Path(str(library) + ".json").read_text())
     fused = sum(k["calls"] > 0 and k["fused_shuffle_conv"] for k in meta["kernels"])
@@ -238,11 +239,104 @@ def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
     assert "-> OK" in proc.stdout, proc.stdout  # the check against PyTorch passed
 
 
-def test_compile_rejects_a_bad_schedules_flag(tmp_path):
-    proc = _cli("compile", "shufflenet_v2_x0_5", "--schedules", str(tmp_path / "nope"), "-o",
-                str(tmp_path / "m.so"), timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "--schedules" in proc.stderr and "nope" in proc.stderr
+def test_schedules_none_is_tvm_alone():
+    """``--schedules none``: no kernel hand-scheduled, the module as TVM lowers it."""
+    from conftest import SMALL, zoo_import
+
+    mod = pipeline.lower(zoo_import(SMALL).mod, HOST)
+    none, tuned, hand = pipeline.schedule(mod, HOST, schedule_source="none")
+    assert (tuned, hand) == (0, 0)
+
+    def scheduled(m):
+        return sorted(gv.name_hint for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+                      and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+
+    assert scheduled(none) == []
+    default, _, hand = pipeline.schedule(mod, HOST)
+    assert hand == len(_fused_funcs(mod)) > 0 and len(scheduled(default)) == hand
+
+
+@pytest.mark.parametrize("command", ["compile", "tune", "profile"])
+@pytest.mark.parametrize("value", ["nope", "default"])
+def test_a_bad_schedules_flag_is_one_line(command, value, tmp_path):
+    """A directory that is not there, or ``default`` (which meant no hand schedules before they
+    were the default): one line naming the flag, exit 2, before the model is imported."""
+    value = str(tmp_path / value) if value == "nope" else value
+    extra = {"compile": ["-o", str(tmp_path / "m.so")], "tune": ["--trials", "1", "--tuning-records",
+                                                                  str(tmp_path / "rec")], "profile": []}[command]
+    proc = _cli(command, "shufflenet_v2_x0_5", "--schedules", value, *extra, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and f"--schedules {value}" in proc.stderr
+    if value == "default":
+        assert "--schedules none" in proc.stderr
+    assert not (tmp_path / "rec").exists()
+
+
+# --------------------------------------------------------------------------- hand schedules + records
+
+
+def _records(path: Path, kernel, func, traces, seeded: bool) -> Path:
+    """A records dir for this CPU holding one kernel's records: (trace, seconds) each."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmshuffle import tuning
+
+    path.mkdir(parents=True)
+    db = ms.database.JSONDatabase(str(path / tuning.WORKLOAD_FILE), str(path / tuning.RECORD_FILE),
+                                  allow_missing=True, module_equality="structural")
+    workload = db.commit_workload(kernel)
+    target = targets.tvm_target(HOST)
+    for trace, secs in traces:
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs], target,
+                                                         ms.arg_info.ArgInfo.from_prim_func(func)))
+    meta = {"preset": "host", "target": json.loads(str(target)), "isa": schedules.isa_for(HOST).name}
+    if seeded:  # as `tvmshuffle tune` writes it after measuring the hand schedules
+        meta["seed_schedules"] = "hand"
+    (path / tuning.TARGET_FILE).write_text(json.dumps(meta))
+    return path
+
+
+def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path):
+    """One database (records' JSONDatabase, then the hand schedules' ScheduleFnDatabase): the
+    kernel carries the faster of the hand schedule's record and another record; with no
+    record for it, the hand schedule; records that never measured the hand schedule (no
+    ``seed_schedules``) let the hand schedule go first; ``--schedules none`` takes the records' best."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    func = mod[gv]
+    kernel = _normalize_mod(func)
+    hand_trace = schedules.database(HOST).db.query_schedule(kernel, targets.tvm_target(HOST), gv.name_hint).trace
+    other = s_tir.Schedule(kernel)  # another schedule: the bias add inlined into the ReLU
+    other.compute_inline(other.get_sblock("T_add"))
+    expected = {"hand": pipeline.schedule(mod, HOST)[0][gv], "other": other.mod["main"],
+                "none": pipeline.schedule(mod, HOST, schedule_source="none")[0][gv]}
+
+    def carried(scheduled):
+        found = []
+        for name, want in expected.items():
+            try:
+                tvm.ir.assert_structural_equal(scheduled[gv].body, want.body)
+                found.append(name)
+            except ValueError:
+                pass
+        return found
+
+    cases = [  # (hand s, other s, seeded, --schedules) → (carried, from records, hand-scheduled)
+        ((5e-6, 1e-6, True, "hand"), (["other"], 1, 0)),  # the other record is faster
+        ((1e-6, 9e-6, True, "hand"), (["hand"], 1, 0)),  # the hand schedule's record is faster
+        ((5e-6, 1e-6, False, "hand"), (["hand"], 0, 1)),  # records without the hand schedule's time
+        ((5e-6, 1e-6, True, "none"), (["other"], 1, 0)),  # no hand schedules: the records' best
+    ]
+    for i, ((hand_s, other_s, seeded, source), want) in enumerate(cases):
+        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)], seeded)
+        scheduled, tuned, hand = pipeline.schedule(mod, HOST, records, source)
+        assert (carried(scheduled), tuned, hand) == want, (i, source)
+    # negative: the check can tell them apart; no records, no hand schedules: TVM's own
+    assert carried(pipeline.schedule(mod, HOST, schedule_source="none")[0]) == ["none"]
+    assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
 
 
 # --------------------------------------------------------------------------- seeding MetaSchedule
@@ -266,17 +360,22 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path):
 
     mod, reference = _lowered(*LAYERS["pw_v2_half_28"])
     records = tmp_path / "host" / "layer"
-    result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records,
-                                                      seed_schedules="hand", **FAST_TUNE))
+    result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records, **FAST_TUNE))  # seeds by default
     assert result.trials_total >= 5  # the seed record + the budget
     assert _hand_records(records) >= 1
+    assert json.loads((records / tuning.TARGET_FILE).read_text())["seed_schedules"] == "hand"
     executable, tuned, _ = pipeline.build(mod, HOST, records)
     assert tuned == 1
     data = np.random.default_rng(2).standard_normal(LAYERS["pw_v2_half_28"][0]).astype("float32")
     expected = reference(data)
     np.testing.assert_allclose(_run(executable, data), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
-    # negative: without --seed-schedules the search never proposes the hand structure
+    # negative: with --schedules none the search never proposes the hand structure
     plain = tmp_path / "host" / "plain"
-    tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=plain, **FAST_TUNE))
+    tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=plain, seed_schedules="none", **FAST_TUNE))
     assert _hand_records(plain) == 0
+    assert "seed_schedules" not in json.loads((plain / tuning.TARGET_FILE).read_text())
+    # resumed with the hand schedules, records tuned without them get the hand schedule's record
+    tuning.tune(mod, HOST, tuning.TuneConfig(trials=6, records_dir=plain, **FAST_TUNE))
+    assert _hand_records(plain) >= 1
+    assert json.loads((plain / tuning.TARGET_FILE).read_text())["seed_schedules"] == "hand"

@@ -1,4 +1,4 @@
-"""Hand schedules for the fused ``shuffle_group_conv2d`` kernels: find, describe, apply.
+"""Hand schedules: find, describe, apply (the default of every build; ``--schedules none``: off).
 
 The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
 with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
@@ -9,10 +9,18 @@ that loads them and the glue to the compiler:
   ``shuffle_pad`` stage before it, epilogue blocks after it) into a :class:`ConvLayer`;
 * :func:`isa_for` picks the vector ISA of a target preset (:data:`ISAS`: AVX2, NEON);
 * :func:`load` loads a schedule directory (``"hand"`` = the shipped ``schedules/``);
+* :func:`database` is the hand schedules as a MetaSchedule database
+  (``ms.database.ScheduleFnDatabase``): :func:`tvmshuffle.pipeline.schedule` puts it in one
+  database with the tuning records' and applies that;
 * :func:`schedule_primfunc` / :func:`apply` put the hand schedule into one PrimFunc / every
-  fitting PrimFunc of a lowered module (``tvmshuffle compile --schedules hand``);
+  fitting PrimFunc of a lowered module (through :func:`database`);
 * :func:`space_generator` makes a MetaSchedule design space from a hand schedule, its tile
-  sizes left to the search, so tuning starts from it (``tvmshuffle tune --seed-schedules``).
+  sizes left to the search, so tuning starts from it (``tvmshuffle tune``, by default).
+
+``--schedules`` takes ``hand`` (the default: the shipped ``schedules/``), ``none`` (no hand
+schedules: TVM alone) or a directory of schedule files. The value ``default`` of earlier
+versions meant "no hand schedules"; it is refused with a one-line error naming both new values
+(:func:`check_source`) rather than taken as an alias, whose meaning would be unclear.
 
 A schedule file defines ``NAME``, ``matches(layer, isa) -> bool`` and
 ``apply(sch, layer, isa, sample=False)``; with ``sample=True`` it draws its tile sizes with
@@ -38,8 +46,10 @@ log = logging.getLogger(__name__)
 CONV_BLOCK = "shuffle_group_conv2d"
 PAD_BLOCK = "shuffle_pad"
 
-#: ``--schedules`` values besides a directory path
-DEFAULT, HAND = "default", "hand"
+#: ``--schedules`` values besides a directory path: the shipped hand schedules (the default), none
+HAND, NONE = "hand", "none"
+#: the value that meant "no hand schedules" before they became the default (refused)
+RETIRED = "default"
 
 
 @dataclass(frozen=True)
@@ -190,13 +200,30 @@ def shipped_dir() -> Path:
     return Path(env) if env else _shipped.path("schedules")
 
 
+def check_source(source: str | os.PathLike | None) -> str:
+    """``--schedules`` as given → ``"hand"``, ``"none"`` or a directory; UserError (one line,
+    naming the flag) for anything else, including the retired ``default``."""
+    source = HAND if source is None else str(source)
+    if source == RETIRED:
+        raise UserError("--schedules default: no longer a value (hand schedules are the default now); "
+                        "give --schedules none for TVM without them, or hand")
+    if source not in (HAND, NONE) and not Path(source).is_dir():
+        raise UserError(f"--schedules {source}: not 'hand', 'none' or a directory of schedule files")
+    return source
+
+
+def source_key(source: str | os.PathLike) -> str:
+    """How a schedule source is recorded (``target.json``'s ``seed_schedules``): ``"hand"``,
+    or a directory's absolute path."""
+    source = check_source(source)
+    return source if source in (HAND, NONE) else str(Path(source).resolve())
+
+
 def _directory(source: str | os.PathLike) -> Path:
-    if str(source) == HAND:
-        return shipped_dir()
-    path = Path(source)
-    if not path.is_dir():
-        raise UserError(f"--schedules {source}: not 'default', 'hand' or a directory of schedule files")
-    return path
+    source = check_source(source)
+    if source == NONE:
+        raise UserError("--schedules none: no schedule files to load")
+    return shipped_dir() if source == HAND else Path(source)
 
 
 def load(source: str | os.PathLike = HAND) -> list[ModuleType]:
@@ -258,30 +285,80 @@ def schedule_primfunc(func, preset: targets.TargetPreset, source: str | os.PathL
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
-    """Hand-schedule every fused shuffle+conv PrimFunc of ``mod`` that a schedule fits.
+@dataclass
+class HandDatabase:
+    """The hand schedules of a directory for one target, as a MetaSchedule database (:func:`database`)."""
 
-    Returns ``(module, number of PrimFuncs scheduled)``. Already scheduled ones (tuned) are
-    left alone: call this before applying tuning records to let the hand schedules win.
+    #: ``ms.database.ScheduleFnDatabase``: asked for a PrimFunc, it answers with the hand
+    #: schedule (no measured time), or nothing where no schedule file takes it
+    db: object
+    modules: list[ModuleType]
+    preset: targets.TargetPreset
+    #: schedule files that failed while the database was applied (:meth:`raise_errors`)
+    errors: list[str] = field(default_factory=list)
+
+    def fits(self, func) -> bool:
+        """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for)."""
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            return False
+        return schedule_for(func, self.preset, self.modules) is not None
+
+    def raise_errors(self) -> None:
+        """UserError naming the first schedule file that failed (inside TVM's pass, whose own
+        error would not name it): call after applying the database."""
+        if self.errors:
+            raise UserError(self.errors[0])
+
+
+def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND) -> HandDatabase:
+    """The hand schedules of ``source`` for ``preset`` as an ``ms.database.ScheduleFnDatabase``.
+
+    Asked for a PrimFunc, it schedules it with the first schedule file that takes it (tile
+    sizes as the file chooses, ``sample=False``) and answers with that schedule's trace; for a
+    PrimFunc none fits (or one already scheduled), nothing.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    isa = isa_for(preset)
+    modules = load(source)
+    errors: list[str] = []
+
+    def schedule_fn(sch) -> bool:
+        func = sch.mod["main"]
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            return False
+        layer = describe(func)
+        module = find(layer, isa, modules) if layer is not None else None
+        if module is None:
+            return False
+        try:
+            module.apply(sch, layer, isa, sample=False)
+        except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
+            text = str(err).strip()
+            errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: "
+                          f"{text.splitlines()[0] if text else type(err).__name__}")
+            return False
+        return True
+
+    return HandDatabase(ms.database.ScheduleFnDatabase(schedule_fn), modules, preset, errors)
+
+
+def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
+    """Hand-schedule every PrimFunc of ``mod`` that a schedule fits (:func:`database` applied
+    by ``relax.transform.MetaScheduleApplyDatabase``). Returns ``(module, number of PrimFuncs
+    scheduled)``; the caller's module is left as it was. Already scheduled PrimFuncs are left alone.
     """
     import tvm
+    from tvm import relax
 
-    modules = load(source)
-    updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            continue
-        scheduled = schedule_primfunc(func, preset, source, modules)
-        if scheduled is not None:
-            updates[gv] = scheduled
-    if updates:
-        mod = mod.clone()  # item assignment would change the caller's module in place
-        for gv, func in updates.items():
-            mod[gv] = func
-    log.info("hand schedules (%s): %d kernels", source, len(updates))
-    return mod, len(updates)
+    hand = database(preset, source)
+    count = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and hand.fits(f))
+    if count:
+        with targets.tvm_target(preset), hand.db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        hand.raise_errors()
+    log.info("hand schedules (%s): %d kernels", source, count)
+    return mod, count
 
 
 # --------------------------------------------------------------------------- MetaSchedule

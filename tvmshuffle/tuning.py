@@ -111,9 +111,11 @@ class TuneConfig:
     builder_workers: int | None = None
     #: tqdm progress bar on stderr (shown on a terminal only)
     progress: bool = True
-    #: "hand" or a schedules directory: their schedules (tile sizes sampled) join MetaSchedule's
-    #: design space for the fused kernels they fit; None: MetaSchedule's own space only
-    seed_schedules: str | None = None
+    #: "hand" (the default) or a schedules directory: their schedules (tile sizes sampled) join
+    #: MetaSchedule's design space for the kernels they fit, and each is measured and committed
+    #: first, so the best record is never slower than it; "none" or None: MetaSchedule's own
+    #: space only (``tvmshuffle tune --schedules``)
+    seed_schedules: str | None = "hand"
 
     def __post_init__(self) -> None:
         self.records_dir = Path(self.records_dir)
@@ -136,6 +138,10 @@ class TuneConfig:
                 raise UserError(f"--timeout ({name}) must be > 0 seconds, got {value!r}")
         if not self.device_wait_sec > 0:
             raise UserError(f"--rpc-timeout must be > 0 seconds, got {self.device_wait_sec:g}")
+        from . import schedules
+
+        seed = schedules.check_source(self.seed_schedules or schedules.NONE)
+        self.seed_schedules = None if seed == schedules.NONE else seed
 
 
 @dataclass
@@ -281,11 +287,17 @@ def _check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
     return True
 
 
-def _write_target_json(records_dir: Path, preset: targets.TargetPreset) -> None:
+def _write_target_json(records_dir: Path, preset: targets.TargetPreset, seed_schedules: str | None = None) -> None:
+    """``target.json``: the target, its ISA, and ``seed_schedules`` — the hand schedules whose
+    own schedule is measured among the records for every kernel they fit (kept from the file
+    when None)."""
     import tvm
 
     data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
             "tvm": tvm.__version__}
+    seed_schedules = seed_schedules or (_read_target_json(records_dir) or {}).get("seed_schedules")
+    if seed_schedules:
+        data["seed_schedules"] = seed_schedules
     _atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -395,19 +407,26 @@ def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool =
     return _check_target(records_dir, preset, "apply", force)
 
 
-def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
-    """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
+@dataclass
+class Records:
+    """A records dir opened for a build (:func:`open_records`)."""
 
-    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
-    records dir that does not exist, has no database, or was tuned for another ISA; records
-    of another CPU are set aside (0 tuned) unless ``force``.
-    """
-    import tvm
-    from tvm import relax
+    path: Path
+    #: MetaSchedule's ``JSONDatabase`` of the records (read into memory; the files are not written)
+    db: object
+    #: the hand schedules (``"hand"`` or a directory) whose own schedule ``tune`` measured and
+    #: committed for every kernel they fit, so the best record is never slower than it; None:
+    #: records tuned without them (a build then lets the hand schedules go first)
+    seeded_with: str | None
 
+
+def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> Records | None:
+    """The records of ``records_dir`` for a build for ``preset``, or None when they are set
+    aside (another CPU, a note logged; ``force`` applies them). Refuses (UserError) a records
+    dir that does not exist, has no database, or was tuned for another ISA."""
     records_dir = Path(records_dir)
     if not check_records(records_dir, preset, force):
-        return mod, 0
+        return None
     db_dir = _repair_database_files(records_dir, in_place=False)
     try:
         database = _open_database(db_dir, records_dir)  # reads the files, writes nothing
@@ -416,9 +435,36 @@ def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: b
             import shutil
 
             shutil.rmtree(db_dir, ignore_errors=True)
+    stored = _read_target_json(records_dir) or {}
+    return Records(records_dir, database, stored.get("seed_schedules"))
+
+
+def has_record(records: Records, func, preset: targets.TargetPreset, name: str = "main") -> bool:
+    """Whether the records hold a measured schedule for PrimFunc ``func`` (as
+    ``MetaScheduleApplyDatabase`` would find it)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod = _normalize_mod(func)
+    return records.db.query_tuning_record(mod, targets.tvm_target(preset), name) is not None
+
+
+def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
+    """Put the best tuned schedule of each PrimFunc of ``mod`` into it (records only: no
+    hand schedules; :func:`tvmshuffle.pipeline.schedule` applies both).
+
+    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
+    records dir that does not exist, has no database, or was tuned for another ISA; records
+    of another CPU are set aside (0 tuned) unless ``force``.
+    """
+    import tvm
+    from tvm import relax
+
+    records = open_records(records_dir, preset, force)
+    if records is None:
+        return mod, 0
     target = targets.tvm_target(preset)
     before = _scheduled_funcs(mod)
-    with target, database:
+    with target, records.db:
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     tuned = len(_scheduled_funcs(applied) - before)
     kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
@@ -1063,10 +1109,17 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
     with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
         builder = make_builder(config, cross)
         runner, ms_runner = make_runner(config)
-        for i in seeded:  # measure the hand schedule first: the search starts from its record
-            if stats[i].trials == 0:
+        # measure the hand schedule first: the search starts from its record, and the records
+        # then hold its time, so their best is never slower than it (target.json says so, and a
+        # build lets the records go first). Records tuned without it get it now.
+        seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
+        marked = (_read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
+        for i in seeded:
+            if stats[i].trials == 0 or not marked:
                 _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
                              stats[i])
+        if seed_key and not marked:
+            _write_target_json(records_dir, preset, seed_key)
         # progress first: it may stop the run before a failed batch is committed
         first, last = _callbacks(tracker)
         callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
