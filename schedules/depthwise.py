@@ -54,8 +54,8 @@ def _tile(layer, isa) -> tuple[int, int]:
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
     chunk, rows = _tile(layer, isa)
-    conv = sch.get_sblock("shuffle_group_conv2d")
-    pad = sch.get_sblock("shuffle_pad")
+    conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
+    pad = sch.get_sblock(getattr(layer, "pad_block", None) or "shuffle_pad")  # or a plain conv2d's pad_temp
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)

@@ -92,7 +92,9 @@ def _choose(layer, isa):
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
     form, lanes, rows, cols = _choose(layer, isa)  # lanes: the vector width used
-    conv = sch.get_sblock("shuffle_group_conv2d")
+    conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
+    if getattr(layer, "pad_block", None):  # a plain 1x1 conv2d: LegalizeOps' pad_temp copies, pads nothing
+        sch.compute_inline(sch.get_sblock(layer.pad_block))
     width = layer.out_hw[1]
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
 

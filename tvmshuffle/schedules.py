@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 CONV_BLOCK = "shuffle_group_conv2d"
 PAD_BLOCK = "shuffle_pad"
+#: the conv blocks :func:`describe` reads: the fused operator's, and LegalizeOps' ``conv2d``
+#: (dense) and grouped/depthwise ``conv2d`` (no shuffle in front: the shuffle is the identity)
+CONV_BLOCKS = (CONV_BLOCK, "conv2d_nchw", "group_conv2d_nchw")
+#: the padding stage before each: the fused operator's, LegalizeOps' (a copy where nothing is padded)
+PAD_BLOCKS = (PAD_BLOCK, "pad_temp")
 
 #: ``--schedules`` values besides a directory path: the shipped hand schedules (the default), none
 HAND, NONE = "hand", "none"
@@ -97,10 +102,19 @@ class ConvLayer:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     out_hw: tuple[int, int]
-    padded: bool  # a shuffle_pad stage comes first
+    padded: bool  # a padding stage (shuffle_pad, pad_temp) that pads comes first
     reduction: tuple[str, ...]  # the conv block's reduction iterators, e.g. ("ri", "rj", "ry", "rx")
     out_per_group: int  # output channels per conv group (all of them: dense; 1: depthwise)
     epilogue: list[str] = field(default_factory=list)  # block names after the conv, in order
+    conv_block: str = CONV_BLOCK  # the conv block's name (:data:`CONV_BLOCKS`)
+    #: the padding block's name, if any; one that pads nothing (LegalizeOps' ``pad_temp`` of a
+    #: 1x1 conv) is a copy, which a schedule inlines
+    pad_block: str | None = None
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether a channel shuffle is in front (the fused operator) or not (a plain conv2d)."""
+        return self.conv_block == CONV_BLOCK
 
     @property
     def kind(self) -> str:
@@ -121,7 +135,8 @@ def _blocks(sch):
 
 
 def describe(func) -> ConvLayer | None:
-    """The :class:`ConvLayer` of a fused PrimFunc, or None if it has no ``shuffle_group_conv2d``."""
+    """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
+    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or None."""
     import tvm
     from tvm import s_tir
 
@@ -131,19 +146,38 @@ def describe(func) -> ConvLayer | None:
     except Exception:  # noqa: BLE001 - e.g. already scheduled (no flat root)
         return None
     names = [b.name_hint for b in blocks]
-    if CONV_BLOCK not in names:
+    conv_name = next((n for n in CONV_BLOCKS if n in names), None)
+    if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
-    conv = blocks[names.index(CONV_BLOCK)]
+    conv_index = names.index(conv_name)
+    pads = [n for n in names[:conv_index] if n in PAD_BLOCKS]
+    if conv_index != len(pads):  # only a padding stage may come before the conv
+        return None
+    conv = blocks[conv_index]
     spatial = [iv for iv in conv.iter_vars if iv.iter_type == 0]
     reduce_ = [iv for iv in conv.iter_vars if iv.iter_type != 0]
     if len(spatial) != 4:
         return None
     _, out_c, out_h, out_w = (int(iv.dom.extent) for iv in spatial)
-    weight = next(r.source for r in conv.reads if len(r.source.shape) == 4 and r.source.name.startswith("param"))
-    data = next(r.source for r in conv.reads if not r.source.same_as(weight))
+    params = {getattr(p, "name", None) for p in func.params}  # the buffers passed in
+    reads = [r for r in conv.reads if not r.source.same_as(conv.writes[0].source)]
+    if len(reads) != 2 or any(len(r.source.shape) != 4 for r in reads):
+        return None
+    pad = blocks[conv_index - 1] if pads else None
+    # the data: what the padding stage writes, else the input that is not a bound constant
+    # (the weight: a parameter named param_N after FuseTIR)
+    padded_data = [r.source for r in reads if pad is not None and r.source.same_as(pad.writes[0].source)]
+    others = [r.source for r in reads if not any(r.source.same_as(d) for d in padded_data)]
+    if padded_data and len(others) == 1:
+        data, weight = padded_data[0], others[0]
+    else:
+        weight = next((b for b in others if b.name.startswith("param")), None)
+        data = next((b for b in others if not b.same_as(weight)), None) if weight is not None else None
+    if data is None or weight is None or weight.name not in params:
+        return None
     _, group_in, kh, kw = (int(d) for d in weight.shape)
-    padded = PAD_BLOCK in names
-    source = blocks[names.index(PAD_BLOCK)].reads[0].source if padded else data
+    source = pad.reads[0].source if pad is not None else data
+    padded = pad is not None and [int(d) for d in pad.writes[0].source.shape] != [int(d) for d in source.shape]
 
     data_read = next(r for r in conv.reads if r.source.same_as(data))
 
@@ -176,7 +210,9 @@ def describe(func) -> ConvLayer | None:
         padded=padded,
         reduction=tuple(iv.var.name.removeprefix("v_") for iv in reduce_),
         out_per_group=out_per_group,
-        epilogue=names[names.index(CONV_BLOCK) + 1:],
+        epilogue=names[conv_index + 1:],
+        conv_block=conv_name,
+        pad_block=pad.name_hint if pad is not None else None,
     )
 
 
