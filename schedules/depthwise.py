@@ -1,5 +1,8 @@
 """Depthwise KxK (3x3, stride 1 or 2) ``shuffle_group_conv2d``: row vectors, NCHW.
 
+Also the plain depthwise convs with no shuffle in front (LegalizeOps' ``group_conv2d_nchw``,
+e.g. V2's depthwise 3x3 after a 1x1 conv): its ``pad_temp`` stands for ``shuffle_pad``.
+
 What it does
 ------------
 A depthwise conv has no reduction over channels: 9 multiply-adds per output, each input read
