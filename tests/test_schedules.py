@@ -468,3 +468,62 @@ def test_a_dense_3x3_conv_is_described_but_no_schedule_takes_it():
     assert schedules.describe(func).kind == "other"
     assert schedules.schedule_primfunc(func, HOST) is None
     assert pipeline.schedule(mod, HOST)[2] == 0
+
+
+# --------------------------------------------------------------------------- the classifier's matmul
+
+
+def _linear(n_out: int, k: int, preset=HOST):
+    """A lowered nn.Linear (matmul + bias; the weight a constant [K, N]) and PyTorch's output."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(n_out + k)
+    linear = torch.nn.Linear(k, n_out).eval()
+    x = torch.randn(1, k)
+    mod = from_exported_program(torch.export.export(linear, (x,)))
+    with torch.no_grad():
+        return pipeline.lower(mod, preset, fuse=True), x.numpy(), linear(x).numpy()
+
+
+def _out(value):
+    return value.numpy() if hasattr(value, "numpy") else value[0].numpy()
+
+
+@pytest.mark.parametrize("n_out, k", [(1000, 1024), (40, 64), (12, 20)])
+def test_matmul_hand_schedule_matches_pytorch_and_the_none_build(n_out, k):
+    mod, x, expected = _linear(n_out, k)
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    layer = schedules.describe(func)
+    assert (layer.kind, layer.m, layer.n, layer.k, layer.epilogue) == ("matmul", 1, n_out, k, ["T_add"])
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    none, _, n_none = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_none) == (1, 0)
+    out_hand = _out(relax.VirtualMachine(hand, tvm.cpu())["main"](tvm.runtime.tensor(x)))
+    out_none = _out(relax.VirtualMachine(none, tvm.cpu())["main"](tvm.runtime.tensor(x)))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_none, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_matmul_hand_schedule_builds_for_aarch64_neon(tmp_path):
+    mod, _, _ = _linear(1000, 1024, preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    header = pipeline.export(executable, AARCH64, tmp_path / "fc.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_a_matmul_of_two_inputs_is_not_the_classifiers():
+    """Negative: a matmul whose right operand is an input (not a constant [K, N] weight) is not described."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType([1, 16], "float32"))
+    b = relax.Var("b", relax.TensorType([16, 8], "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), HOST)
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert schedules.describe(func) is None
+    assert pipeline.schedule(mod, HOST)[2] == 0

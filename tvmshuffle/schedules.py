@@ -94,7 +94,7 @@ def isa_for(preset: targets.TargetPreset) -> Isa:
 
 @dataclass
 class ConvLayer:
-    """One fused ``shuffle_group_conv2d`` kernel, as its PrimFunc spells it."""
+    """One conv kernel (the fused ``shuffle_group_conv2d``, or a plain conv2d), as its PrimFunc spells it."""
 
     out_channels: int
     in_channels: int  # of the (unshuffled) data
@@ -129,14 +129,49 @@ class ConvLayer:
         return self.out_channels // self.out_per_group
 
 
+@dataclass
+class MatmulLayer:
+    """A classifier's ``matmul`` (LegalizeOps' block: ``out[m, n] += x[m, k] * w[k, n]``, the
+    weight a constant laid out ``[K, N]``) and its epilogue, as its PrimFunc spells it."""
+
+    m: int
+    n: int
+    k: int
+    epilogue: list[str] = field(default_factory=list)  # block names after the matmul, in order
+    block: str = "matmul"
+    kind: str = "matmul"
+
+
+def _describe_matmul(func, blocks, names) -> MatmulLayer | None:
+    if names[0] != "matmul" or any(n in names for n in CONV_BLOCKS):
+        return None
+    mm = blocks[0]
+    spatial = [iv for iv in mm.iter_vars if iv.iter_type == 0]
+    reduce_ = [iv for iv in mm.iter_vars if iv.iter_type != 0]
+    if len(spatial) != 2 or len(reduce_) != 1:
+        return None
+    params = {getattr(p, "name", None) for p in func.params}
+    reads = [r for r in mm.reads if not r.source.same_as(mm.writes[0].source)]
+    if len(reads) != 2 or any(len(r.source.shape) != 2 for r in reads):
+        return None
+    k_var, n_var = reduce_[0].var, spatial[1].var
+    weight = next((r for r in reads if r.source.name in params and r.region[0].min.same_as(k_var)
+                   and r.region[1].min.same_as(n_var)), None)
+    if weight is None or not weight.source.name.startswith("param"):  # a bound constant [K, N]
+        return None
+    return MatmulLayer(m=int(spatial[0].dom.extent), n=int(spatial[1].dom.extent), k=int(reduce_[0].dom.extent),
+                       epilogue=names[1:])
+
+
 def _blocks(sch):
     root = sch.get_sblock("root")
     return [sch.get(b) for b in sch.get_child_blocks(root)]
 
 
-def describe(func) -> ConvLayer | None:
+def describe(func) -> ConvLayer | MatmulLayer | None:
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
-    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or None."""
+    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
+    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), or None."""
     import tvm
     from tvm import s_tir
 
@@ -146,6 +181,8 @@ def describe(func) -> ConvLayer | None:
     except Exception:  # noqa: BLE001 - e.g. already scheduled (no flat root)
         return None
     names = [b.name_hint for b in blocks]
+    if names and names[0] == "matmul":
+        return _describe_matmul(func, blocks, names)
     conv_name = next((n for n in CONV_BLOCKS if n in names), None)
     if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
