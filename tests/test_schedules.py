@@ -461,9 +461,46 @@ def test_plain_conv_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
 
 
-def test_a_dense_3x3_conv_is_described_but_no_schedule_takes_it():
-    """Negative: the stem's dense 3x3 stride-2 conv is "other"; nothing schedules it by hand."""
-    mod, _ = _plain((1, 3, 16, 16), (8, 3, 3, 3), dict(strides=2, padding=1), "bias_relu")
+#: the stem: a dense 3x3 conv on 3 channels (stride 2, as ShuffleNet's; stride 1 too)
+STEM = {
+    "stem_s2_64": ((1, 3, 64, 64), (24, 3, 3, 3), dict(strides=2, padding=1), "bias_relu"),
+    "stem_s1_odd": ((1, 3, 20, 24), (12, 3, 3, 3), dict(padding=1), "bias"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEM))
+def test_stem_hand_schedule_matches_the_reference_and_the_none_build(name):
+    data_shape, weight_shape, params, epilogue = STEM[name]
+    mod, reference = _plain(data_shape, weight_shape, params, epilogue)
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert (layer.kind, layer.conv_groups, layer.group_in) == ("other", 1, 3)
+    (module,) = [m for m in schedules.load() if m.matches(layer, schedules.isa_for(HOST))]
+    assert module.NAME == "stem"
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_default) == (1, 0)
+    data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
+    out_hand, out_default = _run(hand, data), _run(default, data)
+    expected = reference(data)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", sorted(STEM))
+def test_stem_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    mod, _ = _plain(*STEM[name], preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    header = pipeline.export(executable, AARCH64, tmp_path / "stem.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_a_dense_3x3_conv_on_many_channels_is_left_alone():
+    """Negative: a dense 3x3 conv on 16 channels is "other" and no schedule takes it (the stem's
+    takes few input channels only)."""
+    mod, _ = _plain((1, 16, 16, 16), (8, 16, 3, 3), dict(strides=2, padding=1), "bias_relu")
     (func,) = _fused_funcs(mod)
     assert schedules.describe(func).kind == "other"
     assert schedules.schedule_primfunc(func, HOST) is None
