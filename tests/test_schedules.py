@@ -564,3 +564,26 @@ def test_a_matmul_of_two_inputs_is_not_the_classifiers():
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert schedules.describe(func) is None
     assert pipeline.schedule(mod, HOST)[2] == 0
+
+
+@pytest.mark.parametrize("kind", ["pw_plain_28", "dw_plain_s2_28", "stem_s2_64", "matmul"])
+def test_each_new_schedule_is_a_design_space_for_tuning(kind):
+    """``tune`` seeds from the hand schedules with sampled tile sizes (``sample=True``): each new
+    class yields one design space, which builds and computes what the none build does."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    if kind == "matmul":
+        mod, x, _ = _linear(40, 64)
+    else:
+        spec = {**PLAIN, **STEM}[kind]
+        mod, _ = _plain(*spec)
+        x = np.random.default_rng(3).standard_normal(spec[0]).astype("float32")
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    spaces = schedules.space_fn(HOST)(Schedule(_normalize_mod(mod[gv])))
+    assert len(spaces) == 1 and any(inst.kind.name == "SamplePerfectTile" for inst in spaces[0].trace.insts)
+    scheduled = mod.clone()
+    scheduled[gv] = spaces[0].mod["main"].with_attr("tirx.is_scheduled", True).with_attr("global_symbol", gv.name_hint)
+    outs = [_out(relax.VirtualMachine(pipeline.build(m, HOST, schedule_source="none")[0], tvm.cpu())["main"](
+        tvm.runtime.tensor(x))) for m in (scheduled, mod)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[1]).max())
