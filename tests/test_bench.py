@@ -25,7 +25,7 @@ def records_root(tmp_path_factory):
     for fused in (True, False):
         records = tuning.records_dir_for("host", tuning.records_key(SMALL, fused, SHAPE), root)
         config = tuning.TuneConfig(trials=4, records_dir=records, trials_per_batch=2, search_population=32,
-                                   progress=False)
+                                   progress=False, seed_schedules="none")  # CI time: no seed builds
         tuning.tune(pipeline.lower(imported.mod, preset, fuse=fused), preset, config)
     return root
 
