@@ -40,20 +40,22 @@ demo: venv cross
 	$(BIN)/tvmshuffle inspect $(MODEL) --no-fuse | tail -n 1
 	$(BIN)/tvmshuffle inspect $(MODEL) | tail -n 1
 	$(BIN)/python -c "import numpy as np; np.save('$(OUT)/input.npy', np.random.default_rng(0).standard_normal((1,3,224,224)).astype('float32'))"
-	$(BIN)/tvmshuffle compile $(MODEL) --target host -o $(OUT)/$(MODEL)-host.so
+	@# TVM alone: no hand schedules, no tuning records (the raw baseline)
+	$(BIN)/tvmshuffle compile $(MODEL) --target host --schedules none -o $(OUT)/$(MODEL)-host.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host.so --input $(OUT)/input.npy --output $(OUT)/output.npy --repeat 30 --print-time
-	@# the fused kernels with the hand schedules of schedules/ (AVX2 or NEON, from the ISA): no tuning
-	$(BIN)/tvmshuffle compile $(MODEL) --target host --schedules hand -o $(OUT)/$(MODEL)-host-hand.so
+	@# the default build: the hand schedules of schedules/ (AVX2 or NEON, from the ISA), no tuning
+	$(BIN)/tvmshuffle compile $(MODEL) --target host -o $(OUT)/$(MODEL)-host-hand.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-hand.so --input $(OUT)/input.npy --repeat 30 --print-time
-	@# a short tuning run on this CPU, its design space seeded with the hand schedules (resumes)
-	$(BIN)/tvmshuffle tune $(MODEL) --target host --trials $(TUNE_TRIALS) --seed-schedules hand --tuning-records $(MY_RECORDS)
-	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(MY_RECORDS) --schedules hand -o $(OUT)/$(MODEL)-host-tuned.so
+	@# a short tuning run on this CPU, its design space seeded with the hand schedules (the default; resumes)
+	$(BIN)/tvmshuffle tune $(MODEL) --target host --trials $(TUNE_TRIALS) --tuning-records $(MY_RECORDS)
+	@# each kernel: the faster of its best record and its hand schedule
+	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(MY_RECORDS) -o $(OUT)/$(MODEL)-host-tuned.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-tuned.so --input $(OUT)/input.npy --repeat 30 --print-time
 	@# the shipped records: applied where this CPU is the one that tuned them, else set aside (a note)
-	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(RECORDS) --schedules hand -o $(OUT)/$(MODEL)-host-shipped.so
+	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(RECORDS) -o $(OUT)/$(MODEL)-host-shipped.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-shipped.so --input $(OUT)/input.npy --repeat 30 --print-time
 	$(BIN)/tvmshuffle study --model $(MODEL) -o $(OUT)/study
-	$(BIN)/tvmshuffle compile $(MODEL) --target aarch64 --schedules hand -o $(OUT)/$(MODEL)-aarch64.so
+	$(BIN)/tvmshuffle compile $(MODEL) --target aarch64 -o $(OUT)/$(MODEL)-aarch64.so
 	$(BIN)/tvmshuffle device up
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-aarch64.so --input $(OUT)/input.npy --rpc-tracker $(TRACKER) --rpc-key emu-aarch64 --repeat 3 --print-time
 	$(BIN)/tvmshuffle device down

@@ -1,12 +1,15 @@
 """Depthwise KxK (3x3, stride 1 or 2) ``shuffle_group_conv2d``: row vectors, NCHW.
 
+Also the plain depthwise convs with no shuffle in front (LegalizeOps' ``group_conv2d_nchw``,
+e.g. V2's depthwise 3x3 after a 1x1 conv): its ``pad_temp`` stands for ``shuffle_pad``.
+
 What it does
 ------------
 A depthwise conv has no reduction over channels: 9 multiply-adds per output, each input read
 ~9 times (stride 1). Output channel ``o`` reads one input channel, ``(o % g) * C/g + o // g``:
 the shuffle is a per-channel choice of plane, so it costs nothing once the plane is chosen.
 
-* **One padded plane per channel, in cache.** The ``shuffle_pad`` stage (zero border around the
+* **One padded plane per channel, in cache** (stride 1). The ``shuffle_pad`` stage (zero border around the
   *unshuffled* data) is computed per output channel, just for the plane that channel reads
   (``compute_at`` under the channel loop): (H+2) x (W+2) floats, <= 13 KB at 56x56, in L1.
   The full padded tensor is never written.
@@ -19,8 +22,11 @@ the shuffle is a per-channel choice of plane, so it costs nothing once the plane
   (NEON ``ld2``) or shuffles (x86). A phase-split plane (``[y][x % 2][x // 2]``, even and odd
   columns apart, so every load is unit-stride) was tried and measured no consistent gain on
   this CPU (stride-2 layers 8-17 vs 10-22 GFLOP/s, within the noise of 10-40 us kernels), so
-  the simpler form stays. Stride-2 layers spend most of their time building the padded plane
-  (4x the outputs), which is where the next gain is.
+  the simpler form stays. Stride-2 layers spent most of their time building the padded plane
+  (4x the outputs): for them the padding is folded into the loads instead (``pad`` inlined: a
+  select on the border), so no plane is built. Measured on V2's plain stride-2 depthwise convs
+  (Rocket Lake, 2 threads, a shared machine; min of 15 samples): 58@56>28 201 -> 120 us,
+  24@56>28 52 -> 31, 116@28>14 52 -> 30, 232@14>7 14.4 -> 13.3.
 * **Register tile.** ``ty`` output rows at a time (``ty`` x vectors-per-row accumulators, at most
   registers - 2: 14 ymm for AVX2, 30 q for NEON); the 9 weights of the channel are broadcast
   once per tile; the kernel loops (``ky``, ``kx``) and the tile rows are unrolled so that LLVM
@@ -54,8 +60,8 @@ def _tile(layer, isa) -> tuple[int, int]:
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
     chunk, rows = _tile(layer, isa)
-    conv = sch.get_sblock("shuffle_group_conv2d")
-    pad = sch.get_sblock("shuffle_pad")
+    conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
+    pad = sch.get_sblock(getattr(layer, "pad_block", None) or "shuffle_pad")  # or a plain conv2d's pad_temp
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
@@ -67,9 +73,12 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     sch.reorder(n, o, y_out, x_out, *red, y_in, x_in)
     channel = sch.fuse(n, o)
 
-    sch.compute_at(pad, channel, preserve_unit_loops=True)  # this channel's padded plane only
-    *_, pad_x = sch.get_loops(pad)
-    sch.vectorize(pad_x)
+    if layer.stride[0] == 2:
+        sch.compute_inline(pad)  # the padding folded into the loads: no plane is built
+    else:
+        sch.compute_at(pad, channel, preserve_unit_loops=True)  # this channel's padded plane only
+        *_, pad_x = sch.get_loops(pad)
+        sch.vectorize(pad_x)
 
     if last is not None:
         sch.reverse_compute_at(last, x_out, preserve_unit_loops=True)

@@ -1,5 +1,9 @@
 """Pointwise (1x1, dense or grouped) ``shuffle_group_conv2d``: a register-tiled GEMM, NCHW.
 
+Also the plain 1x1 convs with no shuffle in front (LegalizeOps' ``conv2d_nchw`` /
+``group_conv2d_nchw``: V2's branch convs, V1's grouped 1x1 after the depthwise conv): there the
+shuffle is the identity, and LegalizeOps' ``pad_temp`` copy (it pads nothing) is inlined.
+
 What it does
 ------------
 A 1x1 convolution over NCHW data is a GEMM per image: ``out[o, p] = sum_k W[o, k] * X[k, p]``
@@ -92,7 +96,9 @@ def _choose(layer, isa):
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
     form, lanes, rows, cols = _choose(layer, isa)  # lanes: the vector width used
-    conv = sch.get_sblock("shuffle_group_conv2d")
+    conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
+    if getattr(layer, "pad_block", None):  # a plain 1x1 conv2d: LegalizeOps' pad_temp copies, pads nothing
+        sch.compute_inline(sch.get_sblock(layer.pad_block))
     width = layer.out_hw[1]
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
 

@@ -8,9 +8,9 @@ mkdir -p docs
 for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
   .venv/bin/tvmshuffle bench "$model" --threads "$THREADS" --repeat 30 \
     --json "docs/bench-$model.json" --plot "docs/bench-$model.png" | tee "docs/bench-$model.md"
-  TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" \
+  TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" --schedules none \
     --tuning-records "tuning_logs/host/$model" > "docs/profile-$model.md"
-  TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" --schedules hand \
+  TVM_NUM_THREADS=$THREADS .venv/bin/tvmshuffle profile "$model" \
     --tuning-records "tuning_logs/host/$model" > "docs/profile-$model-hand.md"
 done
 # every distinct fused layer of the zoo's V1 and V2: default / hand / tuned, roofline

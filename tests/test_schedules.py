@@ -1,4 +1,5 @@
-"""Hand schedules for the fused shuffle+conv kernels (``schedules/``): numerics, targets, CLI.
+"""Hand schedules for the fused shuffle+conv kernels (``schedules/``): numerics, targets, CLI,
+and the one database they share with the tuning records.
 
 Every schedule is applied to a fused PrimFunc as the compiler makes it (shuffle_group_conv2d +
 bias + ReLU / residual add, after FuseOps/FuseTIR), built for this CPU (AVX2) and for aarch64
@@ -6,6 +7,7 @@ bias + ReLU / residual add, after FuseOps/FuseTIR), built for this CPU (AVX2) an
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from tvm import relax
 
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.errors import UserError
+from tvmshuffle.records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE
 from tvmshuffle.ops import emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
 
 HOST = targets.resolve("host")
@@ -96,9 +99,9 @@ def test_hand_schedule_matches_the_reference_op_and_the_default_build(name):
     assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
     assert schedules.schedule_primfunc(func, HOST) is not None, f"no hand schedule fits {layer}"
 
-    hand, _, n_hand = pipeline.build(mod, HOST, schedule_source="hand")
+    hand, _, n_hand = pipeline.build(mod, HOST)  # hand schedules: the default
     assert schedules.describe(_fused_funcs(mod)[0]) is not None  # the caller's module is untouched
-    default, _, n_default = pipeline.build(mod, HOST)
+    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
     assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
     out_hand, out_default = _run(hand, data), _run(default, data)
@@ -169,15 +172,14 @@ def test_describe_reads_the_fused_kernel():
     assert (layer.kind, layer.out_per_group, layer.conv_groups) == ("pointwise", 12, 4)
 
 
-def test_kernels_without_the_fused_op_are_left_alone():
-    """Negative: a plain conv2d (no shuffle) is not a hand-schedule candidate; apply() leaves
-    such a module structurally unchanged."""
+def test_kernels_without_a_conv_are_left_alone():
+    """Negative: a kernel with no conv (pooling, ReLU) is not a hand-schedule candidate; apply()
+    leaves such a module structurally unchanged."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, 8, 8, 8], "float32"))
-    w = relax.const(np.ones((8, 1, 3, 3), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=8))
+            y = bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=1))
             out = bb.emit_output(relax.op.nn.relu(y))
         bb.emit_func_output(out)
     mod = pipeline.lower(bb.get(), HOST, fuse=True)
@@ -202,7 +204,7 @@ def test_a_schedule_directory_can_be_the_users(tmp_path):
     (tmp_path / "broken.py").write_text("NAME = 'broken'\n")
     with pytest.raises(UserError, match=r"broken\.py: a schedule file must define NAME, matches and apply"):
         schedules.load(tmp_path)
-    with pytest.raises(UserError, match="not 'default', 'hand' or a directory"):
+    with pytest.raises(UserError, match="not 'hand', 'none' or a directory"):
         schedules.load(tmp_path / "missing")
     (tmp_path / "broken.py").unlink()
     src = schedules.shipped_dir() / "depthwise.py"
@@ -223,14 +225,14 @@ def _cli(*args, timeout=900):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
-def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
+def test_a_default_compile_has_hand_schedules_and_matches_pytorch(model, tmp_path):
     library = tmp_path / "model.so"
-    proc = _cli("compile", model, "--input-shape", "1,3,64,64", "--schedules", "hand", "-o", str(library))
+    proc = _cli("compile", model, "--input-shape", "1,3,64,64", "-o", str(library))  # no --schedules
     assert proc.returncode == 0, proc.stderr
     meta = json.loads(Path(str(library) + ".json").read_text())
     fused = sum(k["calls"] > 0 and k["fused_shuffle_conv"] for k in meta["kernels"])
-    assert f"{sum(1 for k in meta['kernels'] if k['fused_shuffle_conv'])} with hand schedules" in proc.stdout
-    assert fused > 0 and meta["schedules"] == "hand"
+    hand = int(re.search(r"(\d+) with hand schedules", proc.stdout).group(1))
+    assert hand > fused > 0 and meta["schedules"] == "hand"  # the fused kernels and plain 1x1 / depthwise convs
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     proc = _cli("run", str(library), "--input", str(tmp_path / "x.npy"))  # checks against PyTorch
@@ -238,11 +240,103 @@ def test_compile_with_hand_schedules_matches_pytorch(model, tmp_path):
     assert "-> OK" in proc.stdout, proc.stdout  # the check against PyTorch passed
 
 
-def test_compile_rejects_a_bad_schedules_flag(tmp_path):
-    proc = _cli("compile", "shufflenet_v2_x0_5", "--schedules", str(tmp_path / "nope"), "-o",
-                str(tmp_path / "m.so"), timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "--schedules" in proc.stderr and "nope" in proc.stderr
+def test_schedules_none_is_tvm_alone():
+    """``--schedules none``: no kernel hand-scheduled, the module as TVM lowers it."""
+    from conftest import SMALL, zoo_import
+
+    mod = pipeline.lower(zoo_import(SMALL).mod, HOST)
+    none, tuned, hand = pipeline.schedule(mod, HOST, schedule_source="none")
+    assert (tuned, hand) == (0, 0)
+
+    def scheduled(m):
+        return sorted(gv.name_hint for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+                      and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+
+    assert scheduled(none) == []
+    default, _, hand = pipeline.schedule(mod, HOST)
+    fitting = [f for f in _fused_funcs(mod) if schedules.schedule_for(f, HOST, schedules.load()) is not None]
+    assert hand == len(fitting) > 0 and len(scheduled(default)) == hand
+
+
+@pytest.mark.parametrize("command", ["compile", "tune", "profile"])
+@pytest.mark.parametrize("value", ["nope", "default"])
+def test_a_bad_schedules_flag_is_one_line(command, value, tmp_path):
+    """A directory that is not there, or ``default`` (which meant no hand schedules before they
+    were the default): one line naming the flag, exit 2, before the model is imported."""
+    value = str(tmp_path / value) if value == "nope" else value
+    extra = {"compile": ["-o", str(tmp_path / "m.so")], "tune": ["--trials", "1", "--tuning-records",
+                                                                  str(tmp_path / "rec")], "profile": []}[command]
+    proc = _cli(command, "shufflenet_v2_x0_5", "--schedules", value, *extra, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and f"--schedules {value}" in proc.stderr
+    if value == "default":
+        assert "--schedules none" in proc.stderr
+    assert not (tmp_path / "rec").exists()
+
+
+# --------------------------------------------------------------------------- hand schedules + records
+
+
+def _records(path: Path, kernel, func, traces, seeded: bool) -> Path:
+    """A records dir for this CPU holding one kernel's records: (trace, seconds) each."""
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True)
+    db = ms.database.JSONDatabase(str(path / WORKLOAD_FILE), str(path / RECORD_FILE),
+                                  allow_missing=True, module_equality="structural")
+    workload = db.commit_workload(kernel)
+    target = targets.tvm_target(HOST)
+    for trace, secs in traces:
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs], target,
+                                                         ms.arg_info.ArgInfo.from_prim_func(func)))
+    meta = {"preset": "host", "target": json.loads(str(target)), "isa": schedules.isa_for(HOST).name}
+    if seeded:  # as `tvmshuffle tune` writes it after measuring the hand schedules
+        meta["seed_schedules"] = "hand"
+    (path / TARGET_FILE).write_text(json.dumps(meta))
+    return path
+
+
+def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path):
+    """One database (records' JSONDatabase, then the hand schedules' ScheduleFnDatabase): the
+    kernel carries the faster of the hand schedule's record and another record; with no
+    record for it, the hand schedule; records that never measured the hand schedule (no
+    ``seed_schedules``) let the hand schedule go first; ``--schedules none`` takes the records' best."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    func = mod[gv]
+    kernel = _normalize_mod(func)
+    hand_trace = schedules.database(HOST).db.query_schedule(kernel, targets.tvm_target(HOST), gv.name_hint).trace
+    other = s_tir.Schedule(kernel)  # another schedule: the bias add inlined into the ReLU
+    other.compute_inline(other.get_sblock("T_add"))
+    expected = {"hand": pipeline.schedule(mod, HOST)[0][gv], "other": other.mod["main"],
+                "none": pipeline.schedule(mod, HOST, schedule_source="none")[0][gv]}
+
+    def carried(scheduled):
+        found = []
+        for name, want in expected.items():
+            try:
+                tvm.ir.assert_structural_equal(scheduled[gv].body, want.body)
+                found.append(name)
+            except ValueError:
+                pass
+        return found
+
+    cases = [  # (hand s, other s, seeded, --schedules) → (carried, from records, hand-scheduled)
+        ((5e-6, 1e-6, True, "hand"), (["other"], 1, 0)),  # the other record is faster
+        ((1e-6, 9e-6, True, "hand"), (["hand"], 1, 0)),  # the hand schedule's record is faster
+        ((5e-6, 1e-6, False, "hand"), (["hand"], 0, 1)),  # records without the hand schedule's time
+        ((5e-6, 1e-6, True, "none"), (["other"], 1, 0)),  # no hand schedules: the records' best
+    ]
+    for i, ((hand_s, other_s, seeded, source), want) in enumerate(cases):
+        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)], seeded)
+        scheduled, tuned, hand = pipeline.schedule(mod, HOST, records, source)
+        assert (carried(scheduled), tuned, hand) == want, (i, source)
+    # negative: the check can tell them apart; no records, no hand schedules: TVM's own
+    assert carried(pipeline.schedule(mod, HOST, schedule_source="none")[0]) == ["none"]
+    assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
 
 
 # --------------------------------------------------------------------------- seeding MetaSchedule
@@ -266,17 +360,229 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path):
 
     mod, reference = _lowered(*LAYERS["pw_v2_half_28"])
     records = tmp_path / "host" / "layer"
-    result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records,
-                                                      seed_schedules="hand", **FAST_TUNE))
+    result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records, **FAST_TUNE))  # seeds by default
     assert result.trials_total >= 5  # the seed record + the budget
     assert _hand_records(records) >= 1
+    assert json.loads((records / TARGET_FILE).read_text())["seed_schedules"] == "hand"
     executable, tuned, _ = pipeline.build(mod, HOST, records)
     assert tuned == 1
     data = np.random.default_rng(2).standard_normal(LAYERS["pw_v2_half_28"][0]).astype("float32")
     expected = reference(data)
     np.testing.assert_allclose(_run(executable, data), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
-    # negative: without --seed-schedules the search never proposes the hand structure
+    # negative: with --schedules none the search never proposes the hand structure
     plain = tmp_path / "host" / "plain"
-    tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=plain, **FAST_TUNE))
+    tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=plain, seed_schedules="none", **FAST_TUNE))
     assert _hand_records(plain) == 0
+    assert "seed_schedules" not in json.loads((plain / TARGET_FILE).read_text())
+    # resumed with the hand schedules, records tuned without them get the hand schedule's record
+    tuning.tune(mod, HOST, tuning.TuneConfig(trials=6, records_dir=plain, **FAST_TUNE))
+    assert _hand_records(plain) >= 1
+    assert json.loads((plain / TARGET_FILE).read_text())["seed_schedules"] == "hand"
+
+
+# --------------------------------------------------------------------------- plain convs (no shuffle in front)
+
+
+# name → (data shape, weight shape, conv2d params, epilogue): LegalizeOps' conv2d, as V2's branch
+# 1x1 convs, its depthwise 3x3 after a 1x1, and V1's grouped 1x1 after a depthwise conv are
+PLAIN = {
+    "pw_plain_28": ((1, 58, 28, 28), (58, 58, 1, 1), dict(), "bias_relu"),
+    "pw_plain_7": ((1, 64, 7, 7), (32, 64, 1, 1), dict(), "bias_relu"),
+    "pw_plain_grouped_14": ((1, 48, 14, 14), (48, 16, 1, 1), dict(groups=3), "bias_add"),
+    "dw_plain_s1_14": ((1, 58, 14, 14), (58, 1, 3, 3), dict(groups=58, padding=1), "bias"),
+    "dw_plain_s2_28": ((1, 24, 28, 28), (24, 1, 3, 3), dict(groups=24, strides=2, padding=1), "bias"),
+}
+
+
+def _plain(data_shape, weight_shape, params, epilogue, preset=HOST):
+    """A lowered conv2d (+ epilogue) with no shuffle, and its NumPy reference."""
+    rng = np.random.default_rng(sum(data_shape) + sum(weight_shape))
+    weight = rng.standard_normal(weight_shape).astype("float32")
+    bias = rng.standard_normal((1, weight_shape[0], 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(data_shape), "float32"))
+    residual = None
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), **params))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            if epilogue == "bias_relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            if epilogue == "bias_add":
+                residual = rng.standard_normal([int(d) for d in y.ty.shape]).astype("float32")
+                y = bb.emit(relax.op.add(y, relax.const(residual)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), preset, fuse=True)
+
+    def reference(data):
+        import torch
+
+        y = torch.nn.functional.conv2d(torch.from_numpy(data), torch.from_numpy(weight),
+                                       stride=params.get("strides", 1), padding=params.get("padding", 0),
+                                       groups=params.get("groups", 1)).numpy() + bias
+        if epilogue == "bias_relu":
+            y = np.maximum(y, 0)
+        return y if residual is None else y + residual
+
+    return mod, reference
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_plain_conv_hand_schedule_matches_the_reference_and_the_none_build(name):
+    data_shape, weight_shape, params, epilogue = PLAIN[name]
+    mod, reference = _plain(data_shape, weight_shape, params, epilogue)
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert not layer.shuffled and layer.conv_block in ("conv2d_nchw", "group_conv2d_nchw")
+    assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
+    assert layer.stride == (params.get("strides", 1),) * 2 and layer.padded == ("padding" in params)
+    assert layer.conv_groups == params.get("groups", 1)
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_default) == (1, 0)
+    data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
+    out_hand, out_default = _run(hand, data), _run(default, data)
+    expected = reference(data)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_plain_conv_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    mod, _ = _plain(*PLAIN[name], preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    library = pipeline.export(executable, AARCH64, tmp_path / "layer.so")
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+#: the stem: a dense 3x3 conv on 3 channels (stride 2, as ShuffleNet's; stride 1 too)
+STEM = {
+    "stem_s2_64": ((1, 3, 64, 64), (24, 3, 3, 3), dict(strides=2, padding=1), "bias_relu"),
+    "stem_s1_odd": ((1, 3, 20, 24), (12, 3, 3, 3), dict(padding=1), "bias"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEM))
+def test_stem_hand_schedule_matches_the_reference_and_the_none_build(name):
+    data_shape, weight_shape, params, epilogue = STEM[name]
+    mod, reference = _plain(data_shape, weight_shape, params, epilogue)
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert (layer.kind, layer.conv_groups, layer.group_in) == ("other", 1, 3)
+    (module,) = [m for m in schedules.load() if m.matches(layer, schedules.isa_for(HOST))]
+    assert module.NAME == "stem"
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_default) == (1, 0)
+    data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
+    out_hand, out_default = _run(hand, data), _run(default, data)
+    expected = reference(data)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", sorted(STEM))
+def test_stem_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    mod, _ = _plain(*STEM[name], preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    header = pipeline.export(executable, AARCH64, tmp_path / "stem.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_a_dense_3x3_conv_on_many_channels_is_left_alone():
+    """Negative: a dense 3x3 conv on 16 channels is "other" and no schedule takes it (the stem's
+    takes few input channels only)."""
+    mod, _ = _plain((1, 16, 16, 16), (8, 16, 3, 3), dict(strides=2, padding=1), "bias_relu")
+    (func,) = _fused_funcs(mod)
+    assert schedules.describe(func).kind == "other"
+    assert schedules.schedule_primfunc(func, HOST) is None
+    assert pipeline.schedule(mod, HOST)[2] == 0
+
+
+# --------------------------------------------------------------------------- the classifier's matmul
+
+
+def _linear(n_out: int, k: int, preset=HOST):
+    """A lowered nn.Linear (matmul + bias; the weight a constant [K, N]) and PyTorch's output."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(n_out + k)
+    linear = torch.nn.Linear(k, n_out).eval()
+    x = torch.randn(1, k)
+    mod = from_exported_program(torch.export.export(linear, (x,)))
+    with torch.no_grad():
+        return pipeline.lower(mod, preset, fuse=True), x.numpy(), linear(x).numpy()
+
+
+def _out(value):
+    return value.numpy() if hasattr(value, "numpy") else value[0].numpy()
+
+
+@pytest.mark.parametrize("n_out, k", [(1000, 1024), (40, 64), (12, 20)])
+def test_matmul_hand_schedule_matches_pytorch_and_the_none_build(n_out, k):
+    mod, x, expected = _linear(n_out, k)
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    layer = schedules.describe(func)
+    assert (layer.kind, layer.m, layer.n, layer.k, layer.epilogue) == ("matmul", 1, n_out, k, ["T_add"])
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    none, _, n_none = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_none) == (1, 0)
+    out_hand = _out(relax.VirtualMachine(hand, tvm.cpu())["main"](tvm.runtime.tensor(x)))
+    out_none = _out(relax.VirtualMachine(none, tvm.cpu())["main"](tvm.runtime.tensor(x)))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_none, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_matmul_hand_schedule_builds_for_aarch64_neon(tmp_path):
+    mod, _, _ = _linear(1000, 1024, preset=AARCH64)
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    header = pipeline.export(executable, AARCH64, tmp_path / "fc.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_a_matmul_of_two_inputs_is_not_the_classifiers():
+    """Negative: a matmul whose right operand is an input (not a constant [K, N] weight) is not described."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType([1, 16], "float32"))
+    b = relax.Var("b", relax.TensorType([16, 8], "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), HOST)
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert schedules.describe(func) is None
+    assert pipeline.schedule(mod, HOST)[2] == 0
+
+
+@pytest.mark.parametrize("kind", ["pw_plain_28", "dw_plain_s2_28", "stem_s2_64", "matmul"])
+def test_each_new_schedule_is_a_design_space_for_tuning(kind):
+    """``tune`` seeds from the hand schedules with sampled tile sizes (``sample=True``): each new
+    class yields one design space, which builds and computes what the none build does."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    if kind == "matmul":
+        mod, x, _ = _linear(40, 64)
+    else:
+        spec = {**PLAIN, **STEM}[kind]
+        mod, _ = _plain(*spec)
+        x = np.random.default_rng(3).standard_normal(spec[0]).astype("float32")
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    spaces = schedules.space_fn(HOST)(Schedule(_normalize_mod(mod[gv])))
+    assert len(spaces) == 1 and any(inst.kind.name == "SamplePerfectTile" for inst in spaces[0].trace.insts)
+    scheduled = mod.clone()
+    scheduled[gv] = spaces[0].mod["main"].with_attr("tirx.is_scheduled", True).with_attr("global_symbol", gv.name_hint)
+    outs = [_out(relax.VirtualMachine(pipeline.build(m, HOST, schedule_source="none")[0], tvm.cpu())["main"](
+        tvm.runtime.tensor(x))) for m in (scheduled, mod)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[1]).max())

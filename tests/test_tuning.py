@@ -31,9 +31,10 @@ from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
 #: one xdist worker runs this module: its module-scoped fixtures are built once
 pytestmark = pytest.mark.xdist_group("tuning")
 
-#: small and quick: tiny population, one measurement per candidate
+#: small and quick: tiny population, one measurement per candidate; MetaSchedule's own design
+#: space (the tiny conv has a hand schedule, stem.py; seeding is tested in test_schedules.py)
 FAST = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=False,
-            builder_timeout_sec=120, runner_timeout_sec=60)
+            builder_timeout_sec=120, runner_timeout_sec=60, seed_schedules="none")
 
 
 def _lower(mod, preset):

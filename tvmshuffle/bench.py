@@ -1,4 +1,9 @@
-"""``tvmshuffle bench``: TVM (untuned/tuned × unfused/fused), PyTorch and ONNX Runtime, one process.
+"""``tvmshuffle bench``: TVM (alone, hand-scheduled, tuned × unfused/fused), PyTorch and ONNX Runtime, one process.
+
+The TVM rows (:data:`TVM_VARIANTS`): ``tvm-untuned-unfused`` / ``tvm-untuned-fused`` (``--schedules
+none``, no records: TVM alone), ``tvm-hand-fused`` (the default compile, no records: what a user
+gets without tuning), ``tvm-tuned-unfused`` / ``tvm-tuned-fused`` (the default compile with the
+records: each kernel the faster of its best record and its hand schedule).
 
 Every variant runs on the same input with the same thread count. Each one's output is first
 checked against PyTorch (max error ≤ ``tolerance`` × the output scale); a variant that
@@ -29,9 +34,17 @@ from .runtime import check
 
 log = logging.getLogger(__name__)
 
-#: ``-hand``: the fused kernels with the hand schedules of ``schedules/``, the rest tuned
-TVM_VARIANTS = ("tvm-untuned-unfused", "tvm-untuned-fused", "tvm-tuned-unfused", "tvm-tuned-fused",
-                "tvm-tuned-fused-hand")
+#: TVM's rows (JSON ``variant`` names are a contract) → (fused, tuning records, ``--schedules``):
+#: ``untuned``: TVM alone (``--schedules none``, no records); ``hand``: the default compile with
+#: no records (what a user gets without tuning); ``tuned``: the default compile with records
+#: (each kernel the faster of its best record and its hand schedule: the best build)
+TVM_VARIANTS = {
+    "tvm-untuned-unfused": (False, False, "none"),
+    "tvm-untuned-fused": (True, False, "none"),
+    "tvm-hand-fused": (True, False, "hand"),
+    "tvm-tuned-unfused": (False, True, "hand"),
+    "tvm-tuned-fused": (True, True, "hand"),
+}
 VARIANTS = (*TVM_VARIANTS, "pytorch", "onnxruntime")
 
 
@@ -192,9 +205,8 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
-        for variant in TVM_VARIANTS:
-            fused, tuned, hand = "-fused" in variant, "-tuned-" in variant, variant.endswith("-hand")
-            add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, hand))
+        for variant, (fused, tuned, source) in TVM_VARIANTS.items():
+            add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, source))
     add(*_bench_pytorch(imported, x, expected, config))
     add(*_bench_onnxruntime(imported, model, x, expected, config, threads))
     log.info("timing %d variants, %d runs each in interleaved rounds", len(pending), config.repeat)
@@ -220,7 +232,7 @@ def tuned_note(tuned_kernels: int, records: Path) -> str:
 
 
 def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
-               hand=False) -> tuple[Row, Callable[[], float] | None]:
+               source="hand") -> tuple[Row, Callable[[], float] | None]:
     """The variant's row (with a note when it cannot run) and, if it is right, one timed run
     (None over RPC: the device times its runs itself and the row is complete)."""
     import tvm
@@ -236,15 +248,14 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)
     try:
-        executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, "hand" if hand else "default",
-                                                                 config.force_records)
+        executable, tuned_kernels, hand_kernels = pipeline.build(mod, preset, records, source, config.force_records)
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
         return row, None
-    if tuned:
-        row.note = tuned_note(tuned_kernels, records)
-    if hand:
-        row.note += f", {hand_kernels} with hand schedules"
+    notes = [tuned_note(tuned_kernels, records)] if tuned else []
+    if source != "none":
+        notes.append(f"{hand_kernels} with hand schedules")
+    row.note = ", ".join(notes)
     if remote_run:
         lib = pipeline.export(executable, preset, work / f"{variant}.so")
         result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,

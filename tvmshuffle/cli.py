@@ -59,7 +59,7 @@ def cmd_compile(args) -> int:
     )
     result = compile_model(args.model, Path(args.output), config)
     tuned = f", {result.tuned_kernels} with tuned schedules" if config.tuning_records else ""
-    if config.schedules != "default":
+    if config.schedules != "none":
         tuned += f", {result.hand_kernels} with {config.schedules} schedules"
     print(
         f"{result.output}: {result.model.name} for {result.target.name} "
@@ -155,7 +155,7 @@ def cmd_tune(args) -> int:
     config = tuning.TuneConfig(trials=args.trials, records_dir=Path(args.tuning_records or "."),
                                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                                device_wait_sec=args.rpc_timeout, trials_per_batch=args.trials_per_batch,
-                               seed_schedules=args.seed_schedules, threads=args.threads,
+                               seed_schedules=args.schedules, threads=args.threads,
                                affinity=args.affinity, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
@@ -362,10 +362,11 @@ def _add_force_records_arg(p) -> None:
                         "aside with a note: tuning records belong to the CPU that measured them)")
 
 
-def _add_schedules_arg(p) -> None:
-    p.add_argument("--schedules", default="default", metavar="default|hand|DIR",
-                   help="schedules for the fused shuffle+conv kernels: hand = schedules/ (over tuning "
-                        "records), or a directory of schedule files like it (default: tuned or untuned)")
+def _add_schedules_arg(p, what: str = "schedule the kernels they fit; with --tuning-records each kernel "
+                                      "gets the faster of a record and its hand schedule") -> None:
+    p.add_argument("--schedules", default="hand", metavar="hand|none|DIR",
+                   help=f"hand schedules: hand = the shipped schedules/ (default), none = TVM alone (the "
+                        f"untuned baseline), or a directory of schedule files like schedules/; they {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,14 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-population", type=int, metavar="N",
                    help="candidates the evolutionary search evolves per batch (default 512; "
                         "smaller is quicker per batch, fine for small budgets)")
-    p.add_argument("--seed-schedules", metavar="hand|DIR",
-                   help="add the hand schedules (tile sizes left to the search) to MetaSchedule's "
-                        "design space of the fused kernels, so tuning starts from them")
+    _add_schedules_arg(p, "join MetaSchedule's design space (tile sizes left to the search) of the kernels "
+                          "they fit, each measured first, so the best record is never slower than it")
+    p.add_argument("--seed-schedules", dest="schedules", help=argparse.SUPPRESS)  # its former name
     p.add_argument("--cross-compiler", help="linker command for candidates (overrides the preset's)")
     _add_thread_args(p, "as the pool is; N is also the target's num-cores")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("bench", help="TVM untuned/tuned x unfused/fused vs PyTorch and ONNX Runtime")
+    p = sub.add_parser("bench", help="TVM alone, hand-scheduled and tuned (unfused/fused) vs PyTorch and ONNX Runtime")
     _add_model_args(p)
     p.add_argument("--target", default="host", help="target preset or TVM target JSON (default host)")
     p.add_argument("--tuning-records", help="records dir of the fused model (<dir>-unfused beside it) or a "

@@ -10,9 +10,10 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
    fused behind each convolution). The result is what MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
-4. **build** (:func:`schedule`, :func:`codegen`): hand schedules for the fused kernels (``--schedules hand``,
-   :mod:`tvmshuffle.schedules`), tuning records for the rest (if any), weight repacking folded
-   into the constants, code for the target.
+4. **build** (:func:`schedule`, :func:`codegen`): one MetaSchedule database applied — the hand
+   schedules (:mod:`tvmshuffle.schedules`, the default; ``--schedules none``: off) and the
+   tuning records (if any), each kernel getting the faster of the two (see :func:`schedule`) —,
+   weight repacking folded into the constants, code for the target.
 5. **export** (:func:`export`): one shared library, cross-linked for ARM targets.
 
 ``--dump-code asm,tir,relax`` (:func:`dump_code`) writes what was built beside the library:
@@ -44,8 +45,9 @@ class CompileConfig:
     cross_compiler: str | None = None
     input_shape: tuple[int, ...] | None = None
     weights: str | None = None
-    #: "default" (tuned or MetaSchedule-less), "hand" (schedules/) or a directory of schedules
-    schedules: str = "default"
+    #: "hand" (schedules/, the default), "none" (TVM alone: records or untuned) or a directory
+    #: of schedule files; with records, :func:`schedule` says which wins where
+    schedules: str = "hand"
     #: apply records tuned on another CPU of the same ISA (else they are set aside with a note)
     force_records: bool = False
     #: what to write beside the library (:data:`DUMP_SUFFIXES`): "asm", "tir", "relax"
@@ -94,35 +96,83 @@ def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
 
 
 def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
-             schedule_source: str = "default", force_records: bool = False):
-    """Phase 4a: schedule the kernels. Returns (module, tuned kernels, hand-scheduled kernels).
+             schedule_source: str = "hand", force_records: bool = False):
+    """Phase 4a: schedule the kernels. Returns (module, kernels from the records, hand-scheduled kernels).
 
-    Hand schedules (if asked) go first, so they win over tuning records for the fused
-    kernels; the records schedule the rest. A schedule may repack a weight in a block marked
-    ``meta_schedule.layout_rewrite_preproc``; ``SplitLayoutRewritePreproc`` + ``FoldConstant``
-    move that repacking into the constant weights, so it is done once, at compile time (the
-    kernel is then called ``<name>_prepacked``). Records tuned on another CPU are set aside
-    with a note unless ``force_records`` (:func:`tvmshuffle.check_records`).
+    One MetaSchedule database is applied (``relax.transform.MetaScheduleApplyDatabase``): the
+    hand schedules' (``schedule_source``: ``"hand"``, a directory, ``"none"`` for none; an
+    ``ms.database.ScheduleFnDatabase``, :func:`tvmshuffle.schedules.database`) and the tuning
+    records' (``tuning_records``: their ``JSONDatabase``) joined in an
+    ``ms.database.OrderedUnionDatabase``, which answers for each kernel with the first
+    database that has it. What wins when:
+
+    * records that measured the hand schedules (``tvmshuffle tune`` does by default: it builds,
+      measures and commits each kernel's hand schedule before searching; ``target.json`` says
+      ``seed_schedules``): **records first**. Where they hold a kernel, their best record is the
+      faster of the hand schedule and everything the search found, as measured on the CPU
+      that tuned them; where they hold nothing, the hand schedule serves;
+    * records tuned without them (e.g. with ``--schedules none``, or before tuning seeded by
+      default): **hand first**, since the records never competed with them; the records
+      schedule the kernels no hand schedule takes;
+    * no records (none given, or another CPU's, set aside with a note): the hand schedules
+      where they fit;
+    * ``--schedules none``: the records alone; no records either: TVM's own lowering (the
+      raw baseline).
+
+    Kernels neither database answers for keep TVM's default schedule. ``UnionDatabase`` (the
+    best across databases by measured time) is not used: the hand database's answers carry no
+    time, which ``UnionDatabase`` ranks behind any measured record — the same as records first,
+    also for records that never measured the hand schedule.
+
+    A schedule may repack a weight in a block marked ``meta_schedule.layout_rewrite_preproc``;
+    ``SplitLayoutRewritePreproc`` + ``FoldConstant`` move that repacking into the constant
+    weights, so it is done once, at compile time (the kernel is then called
+    ``<name>_prepacked``). Records tuned on another CPU are set aside with a note unless
+    ``force_records`` (:func:`tvmshuffle.records.check_records`).
     """
     import tvm
     from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
 
     from . import schedules
+    from .records import has_record, open_records
 
-    tuned = hand = 0
-    if schedule_source != schedules.DEFAULT:
-        mod, hand = schedules.apply(mod, preset, schedule_source)
-    if tuning_records is not None:
-        from .records import apply_records
+    source = schedules.check_source(schedule_source)
+    hand = schedules.database(preset, source) if source != schedules.NONE else None
+    records = open_records(Path(tuning_records), preset, force_records) if tuning_records is not None else None
+    records_first = records is not None and records.seeded_with == (schedules.source_key(source) if hand else None)
+    if records is not None and hand is not None and not records_first:
+        log.info("%s: records tuned without the %s schedules (no seed_schedules in target.json): the hand "
+                 "schedules go first where they fit", records.path, source)
 
-        mod, tuned = apply_records(mod, preset, Path(tuning_records), force_records)
+    # what the ordered union will answer with, kernel by kernel (for the counts)
+    tuned = from_hand = 0
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        in_records = records is not None and has_record(records, func, preset, gv.name_hint)
+        fits = hand is not None and hand.fits(func)
+        if in_records and (records_first or not fits):
+            tuned += 1
+        elif fits:
+            from_hand += 1
+    order = [records.db if records else None, hand.db if hand else None]
+    databases = [db for db in (order if records_first else order[::-1]) if db is not None]
     with targets.tvm_target(preset):
+        if databases:
+            database = databases[0] if len(databases) == 1 else ms.database.OrderedUnionDatabase(*databases)
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            if hand is not None:
+                hand.raise_errors()
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
-    return mod, tuned, hand
+    log.info("scheduled %d kernels from %s, %d with %s schedules", tuned,
+             records.path if records else "no records", from_hand, source)
+    return mod, tuned, from_hand
 
 
 def codegen(mod, preset: targets.TargetPreset):
@@ -138,7 +188,7 @@ def codegen(mod, preset: targets.TargetPreset):
 
 
 def build(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,
-          schedule_source: str = "default", force_records: bool = False):
+          schedule_source: str = "hand", force_records: bool = False):
     """Phase 4: :func:`schedule` + :func:`codegen`. Returns (executable, tuned, hand-scheduled)."""
     mod, tuned, hand = schedule(mod, preset, tuning_records, schedule_source, force_records)
     return codegen(mod, preset), tuned, hand
@@ -277,8 +327,15 @@ def compiled_from(library: Path) -> tuple[str, CompileConfig]:
         target=meta["target"] if meta["target"] != "custom" else json.dumps(meta["tvm_target"]),
         fuse=meta["fused"], input_shape=tuple(meta["input_shape"]), weights=meta.get("weights"),
         tuning_records=Path(meta["tuning_records"]) if meta.get("tuning_records") else None,
-        schedules=meta.get("schedules", "default"))
+        schedules=_schedules_of(meta))
     return meta["model"], config
+
+
+def _schedules_of(meta: dict) -> str:
+    """The ``--schedules`` a library was compiled with; ``"default"`` (or nothing) in a library
+    from before hand schedules were the default meant none."""
+    value = meta.get("schedules") or "none"
+    return "none" if value == "default" else value
 
 
 def count_kernels(mod) -> int:
@@ -300,10 +357,10 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
 
         # and if the records do not fit; another CPU's are set aside here, with a note
         records = records if check_records(Path(records), preset, config.force_records) else None
-    if config.schedules != "default":
-        from . import schedules
+    from . import schedules
 
-        schedules.load(config.schedules)  # and if --schedules is not a schedule directory
+    if schedules.check_source(config.schedules) != schedules.NONE:  # --schedules is hand, none or a dir
+        schedules.load(config.schedules)  # whose files load
     parse_dump_code(config.dump_code)  # and if --dump-code names an unknown kind
     start = time.perf_counter()
     imported = frontend.load(model, config.input_shape, config.weights)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import _shipped, targets
@@ -154,11 +155,17 @@ def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
     return True
 
 
-def write_target_json(records_dir: Path, preset: targets.TargetPreset) -> None:
+def write_target_json(records_dir: Path, preset: targets.TargetPreset, seed_schedules: str | None = None) -> None:
+    """``target.json``: the target, its ISA, and ``seed_schedules`` — the hand schedules whose
+    own schedule is measured among the records for every kernel they fit (kept from the file
+    when None)."""
     import tvm
 
     data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
             "tvm": tvm.__version__}
+    seed_schedules = seed_schedules or (read_target_json(records_dir) or {}).get("seed_schedules")
+    if seed_schedules:
+        data["seed_schedules"] = seed_schedules
     atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -268,19 +275,26 @@ def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool =
     return check_target(records_dir, preset, "apply", force)
 
 
-def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
-    """Put the best tuned schedule of each PrimFunc of ``mod`` into it.
+@dataclass
+class Records:
+    """A records dir opened for a build (:func:`open_records`)."""
 
-    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
-    records dir that does not exist, has no database, or was tuned for another ISA; records
-    of another CPU are set aside (0 tuned) unless ``force``.
-    """
-    import tvm
-    from tvm import relax
+    path: Path
+    #: MetaSchedule's ``JSONDatabase`` of the records (read into memory; the files are not written)
+    db: object
+    #: the hand schedules (``"hand"`` or a directory) whose own schedule ``tune`` measured and
+    #: committed for every kernel they fit, so the best record is never slower than it; None:
+    #: records tuned without them (a build then lets the hand schedules go first)
+    seeded_with: str | None
 
+
+def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> Records | None:
+    """The records of ``records_dir`` for a build for ``preset``, or None when they are set
+    aside (another CPU, a note logged; ``force`` applies them). Refuses (UserError) a records
+    dir that does not exist, has no database, or was tuned for another ISA."""
     records_dir = Path(records_dir)
     if not check_records(records_dir, preset, force):
-        return mod, 0
+        return None
     db_dir = repair_database_files(records_dir, in_place=False)
     try:
         database = open_database(db_dir, records_dir)  # reads the files, writes nothing
@@ -289,9 +303,36 @@ def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: b
             import shutil
 
             shutil.rmtree(db_dir, ignore_errors=True)
+    stored = read_target_json(records_dir) or {}
+    return Records(records_dir, database, stored.get("seed_schedules"))
+
+
+def has_record(records: Records, func, preset: targets.TargetPreset, name: str = "main") -> bool:
+    """Whether the records hold a measured schedule for PrimFunc ``func`` (as
+    ``MetaScheduleApplyDatabase`` would find it)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod = _normalize_mod(func)
+    return records.db.query_tuning_record(mod, targets.tvm_target(preset), name) is not None
+
+
+def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):
+    """Put the best tuned schedule of each PrimFunc of ``mod`` into it (records only: no
+    hand schedules; :func:`tvmshuffle.pipeline.schedule` applies both).
+
+    Returns ``(module, number of PrimFuncs that got a tuned schedule)``. Refuses (UserError) a
+    records dir that does not exist, has no database, or was tuned for another ISA; records
+    of another CPU are set aside (0 tuned) unless ``force``.
+    """
+    import tvm
+    from tvm import relax
+
+    records = open_records(records_dir, preset, force)
+    if records is None:
+        return mod, 0
     target = targets.tvm_target(preset)
     before = _scheduled_funcs(mod)
-    with target, database:
+    with target, records.db:
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     tuned = len(_scheduled_funcs(applied) - before)
     kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))

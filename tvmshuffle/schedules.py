@@ -1,4 +1,4 @@
-"""Hand schedules for the fused ``shuffle_group_conv2d`` kernels: find, describe, apply.
+"""Hand schedules: find, describe, apply (the default of every build; ``--schedules none``: off).
 
 The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
 with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
@@ -9,10 +9,18 @@ that loads them and the glue to the compiler:
   ``shuffle_pad`` stage before it, epilogue blocks after it) into a :class:`ConvLayer`;
 * :func:`isa_for` picks the vector ISA of a target preset (:data:`ISAS`: AVX2, NEON);
 * :func:`load` loads a schedule directory (``"hand"`` = the shipped ``schedules/``);
+* :func:`database` is the hand schedules as a MetaSchedule database
+  (``ms.database.ScheduleFnDatabase``): :func:`tvmshuffle.pipeline.schedule` puts it in one
+  database with the tuning records' and applies that;
 * :func:`schedule_primfunc` / :func:`apply` put the hand schedule into one PrimFunc / every
-  fitting PrimFunc of a lowered module (``tvmshuffle compile --schedules hand``);
+  fitting PrimFunc of a lowered module (through :func:`database`);
 * :func:`space_generator` makes a MetaSchedule design space from a hand schedule, its tile
-  sizes left to the search, so tuning starts from it (``tvmshuffle tune --seed-schedules``).
+  sizes left to the search, so tuning starts from it (``tvmshuffle tune``, by default).
+
+``--schedules`` takes ``hand`` (the default: the shipped ``schedules/``), ``none`` (no hand
+schedules: TVM alone) or a directory of schedule files. The value ``default`` of earlier
+versions meant "no hand schedules"; it is refused with a one-line error naming both new values
+(:func:`check_source`) rather than taken as an alias, whose meaning would be unclear.
 
 A schedule file defines ``NAME``, ``matches(layer, isa) -> bool`` and
 ``apply(sch, layer, isa, sample=False)``; with ``sample=True`` it draws its tile sizes with
@@ -37,9 +45,16 @@ log = logging.getLogger(__name__)
 
 CONV_BLOCK = "shuffle_group_conv2d"
 PAD_BLOCK = "shuffle_pad"
+#: the conv blocks :func:`describe` reads: the fused operator's, and LegalizeOps' ``conv2d``
+#: (dense) and grouped/depthwise ``conv2d`` (no shuffle in front: the shuffle is the identity)
+CONV_BLOCKS = (CONV_BLOCK, "conv2d_nchw", "group_conv2d_nchw")
+#: the padding stage before each: the fused operator's, LegalizeOps' (a copy where nothing is padded)
+PAD_BLOCKS = (PAD_BLOCK, "pad_temp")
 
-#: ``--schedules`` values besides a directory path
-DEFAULT, HAND = "default", "hand"
+#: ``--schedules`` values besides a directory path: the shipped hand schedules (the default), none
+HAND, NONE = "hand", "none"
+#: the value that meant "no hand schedules" before they became the default (refused)
+RETIRED = "default"
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ def isa_for(preset: targets.TargetPreset) -> Isa:
 
 @dataclass
 class ConvLayer:
-    """One fused ``shuffle_group_conv2d`` kernel, as its PrimFunc spells it."""
+    """One conv kernel (the fused ``shuffle_group_conv2d``, or a plain conv2d), as its PrimFunc spells it."""
 
     out_channels: int
     in_channels: int  # of the (unshuffled) data
@@ -87,10 +102,19 @@ class ConvLayer:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     out_hw: tuple[int, int]
-    padded: bool  # a shuffle_pad stage comes first
+    padded: bool  # a padding stage (shuffle_pad, pad_temp) that pads comes first
     reduction: tuple[str, ...]  # the conv block's reduction iterators, e.g. ("ri", "rj", "ry", "rx")
     out_per_group: int  # output channels per conv group (all of them: dense; 1: depthwise)
     epilogue: list[str] = field(default_factory=list)  # block names after the conv, in order
+    conv_block: str = CONV_BLOCK  # the conv block's name (:data:`CONV_BLOCKS`)
+    #: the padding block's name, if any; one that pads nothing (LegalizeOps' ``pad_temp`` of a
+    #: 1x1 conv) is a copy, which a schedule inlines
+    pad_block: str | None = None
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether a channel shuffle is in front (the fused operator) or not (a plain conv2d)."""
+        return self.conv_block == CONV_BLOCK
 
     @property
     def kind(self) -> str:
@@ -105,13 +129,49 @@ class ConvLayer:
         return self.out_channels // self.out_per_group
 
 
+@dataclass
+class MatmulLayer:
+    """A classifier's ``matmul`` (LegalizeOps' block: ``out[m, n] += x[m, k] * w[k, n]``, the
+    weight a constant laid out ``[K, N]``) and its epilogue, as its PrimFunc spells it."""
+
+    m: int
+    n: int
+    k: int
+    epilogue: list[str] = field(default_factory=list)  # block names after the matmul, in order
+    block: str = "matmul"
+    kind: str = "matmul"
+
+
+def _describe_matmul(func, blocks, names) -> MatmulLayer | None:
+    if names[0] != "matmul" or any(n in names for n in CONV_BLOCKS):
+        return None
+    mm = blocks[0]
+    spatial = [iv for iv in mm.iter_vars if iv.iter_type == 0]
+    reduce_ = [iv for iv in mm.iter_vars if iv.iter_type != 0]
+    if len(spatial) != 2 or len(reduce_) != 1:
+        return None
+    params = {getattr(p, "name", None) for p in func.params}
+    reads = [r for r in mm.reads if not r.source.same_as(mm.writes[0].source)]
+    if len(reads) != 2 or any(len(r.source.shape) != 2 for r in reads):
+        return None
+    k_var, n_var = reduce_[0].var, spatial[1].var
+    weight = next((r for r in reads if r.source.name in params and r.region[0].min.same_as(k_var)
+                   and r.region[1].min.same_as(n_var)), None)
+    if weight is None or not weight.source.name.startswith("param"):  # a bound constant [K, N]
+        return None
+    return MatmulLayer(m=int(spatial[0].dom.extent), n=int(spatial[1].dom.extent), k=int(reduce_[0].dom.extent),
+                       epilogue=names[1:])
+
+
 def _blocks(sch):
     root = sch.get_sblock("root")
     return [sch.get(b) for b in sch.get_child_blocks(root)]
 
 
-def describe(func) -> ConvLayer | None:
-    """The :class:`ConvLayer` of a fused PrimFunc, or None if it has no ``shuffle_group_conv2d``."""
+def describe(func) -> ConvLayer | MatmulLayer | None:
+    """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
+    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
+    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), or None."""
     import tvm
     from tvm import s_tir
 
@@ -121,19 +181,40 @@ def describe(func) -> ConvLayer | None:
     except Exception:  # noqa: BLE001 - e.g. already scheduled (no flat root)
         return None
     names = [b.name_hint for b in blocks]
-    if CONV_BLOCK not in names:
+    if names and names[0] == "matmul":
+        return _describe_matmul(func, blocks, names)
+    conv_name = next((n for n in CONV_BLOCKS if n in names), None)
+    if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
-    conv = blocks[names.index(CONV_BLOCK)]
+    conv_index = names.index(conv_name)
+    pads = [n for n in names[:conv_index] if n in PAD_BLOCKS]
+    if conv_index != len(pads):  # only a padding stage may come before the conv
+        return None
+    conv = blocks[conv_index]
     spatial = [iv for iv in conv.iter_vars if iv.iter_type == 0]
     reduce_ = [iv for iv in conv.iter_vars if iv.iter_type != 0]
     if len(spatial) != 4:
         return None
     _, out_c, out_h, out_w = (int(iv.dom.extent) for iv in spatial)
-    weight = next(r.source for r in conv.reads if len(r.source.shape) == 4 and r.source.name.startswith("param"))
-    data = next(r.source for r in conv.reads if not r.source.same_as(weight))
+    params = {getattr(p, "name", None) for p in func.params}  # the buffers passed in
+    reads = [r for r in conv.reads if not r.source.same_as(conv.writes[0].source)]
+    if len(reads) != 2 or any(len(r.source.shape) != 4 for r in reads):
+        return None
+    pad = blocks[conv_index - 1] if pads else None
+    # the data: what the padding stage writes, else the input that is not a bound constant
+    # (the weight: a parameter named param_N after FuseTIR)
+    padded_data = [r.source for r in reads if pad is not None and r.source.same_as(pad.writes[0].source)]
+    others = [r.source for r in reads if not any(r.source.same_as(d) for d in padded_data)]
+    if padded_data and len(others) == 1:
+        data, weight = padded_data[0], others[0]
+    else:
+        weight = next((b for b in others if b.name.startswith("param")), None)
+        data = next((b for b in others if not b.same_as(weight)), None) if weight is not None else None
+    if data is None or weight is None or weight.name not in params:
+        return None
     _, group_in, kh, kw = (int(d) for d in weight.shape)
-    padded = PAD_BLOCK in names
-    source = blocks[names.index(PAD_BLOCK)].reads[0].source if padded else data
+    source = pad.reads[0].source if pad is not None else data
+    padded = pad is not None and [int(d) for d in pad.writes[0].source.shape] != [int(d) for d in source.shape]
 
     data_read = next(r for r in conv.reads if r.source.same_as(data))
 
@@ -166,7 +247,9 @@ def describe(func) -> ConvLayer | None:
         padded=padded,
         reduction=tuple(iv.var.name.removeprefix("v_") for iv in reduce_),
         out_per_group=out_per_group,
-        epilogue=names[names.index(CONV_BLOCK) + 1:],
+        epilogue=names[conv_index + 1:],
+        conv_block=conv_name,
+        pad_block=pad.name_hint if pad is not None else None,
     )
 
 
@@ -190,13 +273,30 @@ def shipped_dir() -> Path:
     return Path(env) if env else _shipped.path("schedules")
 
 
+def check_source(source: str | os.PathLike | None) -> str:
+    """``--schedules`` as given → ``"hand"``, ``"none"`` or a directory; UserError (one line,
+    naming the flag) for anything else, including the retired ``default``."""
+    source = HAND if source is None else str(source)
+    if source == RETIRED:
+        raise UserError("--schedules default: no longer a value (hand schedules are the default now); "
+                        "give --schedules none for TVM without them, or hand")
+    if source not in (HAND, NONE) and not Path(source).is_dir():
+        raise UserError(f"--schedules {source}: not 'hand', 'none' or a directory of schedule files")
+    return source
+
+
+def source_key(source: str | os.PathLike) -> str:
+    """How a schedule source is recorded (``target.json``'s ``seed_schedules``): ``"hand"``,
+    or a directory's absolute path."""
+    source = check_source(source)
+    return source if source in (HAND, NONE) else str(Path(source).resolve())
+
+
 def _directory(source: str | os.PathLike) -> Path:
-    if str(source) == HAND:
-        return shipped_dir()
-    path = Path(source)
-    if not path.is_dir():
-        raise UserError(f"--schedules {source}: not 'default', 'hand' or a directory of schedule files")
-    return path
+    source = check_source(source)
+    if source == NONE:
+        raise UserError("--schedules none: no schedule files to load")
+    return shipped_dir() if source == HAND else Path(source)
 
 
 def load(source: str | os.PathLike = HAND) -> list[ModuleType]:
@@ -258,30 +358,80 @@ def schedule_primfunc(func, preset: targets.TargetPreset, source: str | os.PathL
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
-    """Hand-schedule every fused shuffle+conv PrimFunc of ``mod`` that a schedule fits.
+@dataclass
+class HandDatabase:
+    """The hand schedules of a directory for one target, as a MetaSchedule database (:func:`database`)."""
 
-    Returns ``(module, number of PrimFuncs scheduled)``. Already scheduled ones (tuned) are
-    left alone: call this before applying tuning records to let the hand schedules win.
+    #: ``ms.database.ScheduleFnDatabase``: asked for a PrimFunc, it answers with the hand
+    #: schedule (no measured time), or nothing where no schedule file takes it
+    db: object
+    modules: list[ModuleType]
+    preset: targets.TargetPreset
+    #: schedule files that failed while the database was applied (:meth:`raise_errors`)
+    errors: list[str] = field(default_factory=list)
+
+    def fits(self, func) -> bool:
+        """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for)."""
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            return False
+        return schedule_for(func, self.preset, self.modules) is not None
+
+    def raise_errors(self) -> None:
+        """UserError naming the first schedule file that failed (inside TVM's pass, whose own
+        error would not name it): call after applying the database."""
+        if self.errors:
+            raise UserError(self.errors[0])
+
+
+def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND) -> HandDatabase:
+    """The hand schedules of ``source`` for ``preset`` as an ``ms.database.ScheduleFnDatabase``.
+
+    Asked for a PrimFunc, it schedules it with the first schedule file that takes it (tile
+    sizes as the file chooses, ``sample=False``) and answers with that schedule's trace; for a
+    PrimFunc none fits (or one already scheduled), nothing.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    isa = isa_for(preset)
+    modules = load(source)
+    errors: list[str] = []
+
+    def schedule_fn(sch) -> bool:
+        func = sch.mod["main"]
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            return False
+        layer = describe(func)
+        module = find(layer, isa, modules) if layer is not None else None
+        if module is None:
+            return False
+        try:
+            module.apply(sch, layer, isa, sample=False)
+        except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
+            text = str(err).strip()
+            errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: "
+                          f"{text.splitlines()[0] if text else type(err).__name__}")
+            return False
+        return True
+
+    return HandDatabase(ms.database.ScheduleFnDatabase(schedule_fn), modules, preset, errors)
+
+
+def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):
+    """Hand-schedule every PrimFunc of ``mod`` that a schedule fits (:func:`database` applied
+    by ``relax.transform.MetaScheduleApplyDatabase``). Returns ``(module, number of PrimFuncs
+    scheduled)``; the caller's module is left as it was. Already scheduled PrimFuncs are left alone.
     """
     import tvm
+    from tvm import relax
 
-    modules = load(source)
-    updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            continue
-        scheduled = schedule_primfunc(func, preset, source, modules)
-        if scheduled is not None:
-            updates[gv] = scheduled
-    if updates:
-        mod = mod.clone()  # item assignment would change the caller's module in place
-        for gv, func in updates.items():
-            mod[gv] = func
-    log.info("hand schedules (%s): %d kernels", source, len(updates))
-    return mod, len(updates)
+    hand = database(preset, source)
+    count = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and hand.fits(f))
+    if count:
+        with targets.tvm_target(preset), hand.db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        hand.raise_errors()
+    log.info("hand schedules (%s): %d kernels", source, count)
+    return mod, count
 
 
 # --------------------------------------------------------------------------- MetaSchedule

@@ -67,8 +67,8 @@ from pathlib import Path
 
 from . import targets
 from .errors import UserError
-from .records import (TARGET_FILE, atomic_write, check_target, has_database, open_database, repair_database_files,
-                      write_target_json)
+from .records import (TARGET_FILE, atomic_write, check_target, has_database, open_database, read_target_json,
+                      repair_database_files, write_target_json)
 from .remote import check_rpc, device_count, key_counts, parse_tracker
 from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
@@ -118,9 +118,11 @@ class TuneConfig:
     builder_workers: int | None = None
     #: tqdm progress bar on stderr (shown on a terminal only)
     progress: bool = True
-    #: "hand" or a schedules directory: their schedules (tile sizes sampled) join MetaSchedule's
-    #: design space for the fused kernels they fit; None: MetaSchedule's own space only
-    seed_schedules: str | None = None
+    #: "hand" (the default) or a schedules directory: their schedules (tile sizes sampled) join
+    #: MetaSchedule's design space for the kernels they fit, and each is measured and committed
+    #: first, so the best record is never slower than it; "none" or None: MetaSchedule's own
+    #: space only (``tvmshuffle tune --schedules``)
+    seed_schedules: str | None = "hand"
     #: TVM's thread pool where candidates are measured (``--threads``, ``--affinity``): set in
     #: each measuring session before timing, so candidates run with the threads the model will
     #: run with; ``threads`` is also the target's ``num-cores``. None: left as it is
@@ -154,6 +156,10 @@ class TuneConfig:
                 raise UserError(f"--timeout ({name}) must be > 0 seconds, got {value!r}")
         if not self.device_wait_sec > 0:
             raise UserError(f"--rpc-timeout must be > 0 seconds, got {self.device_wait_sec:g}")
+        from . import schedules
+
+        seed = schedules.check_source(self.seed_schedules or schedules.NONE)
+        self.seed_schedules = None if seed == schedules.NONE else seed
 
 
 @dataclass
@@ -821,10 +827,17 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
             log.info("%d device(s) with key %r at %s: measuring up to %d candidates at once",
                      devices, config.rpc_key, config.rpc_tracker, devices)
         runner, ms_runner = make_runner(config, devices, follow_devices=True)
-        for i in seeded:  # measure the hand schedule first: the search starts from its record
-            if stats[i].trials == 0:
+        # measure the hand schedule first: the search starts from its record, and the records
+        # then hold its time, so their best is never slower than it (target.json says so, and a
+        # build lets the records go first). Records tuned without it get it now.
+        seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
+        marked = (read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
+        for i in seeded:
+            if stats[i].trials == 0 or not marked:
                 _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
                              stats[i])
+        if seed_key and not marked:
+            write_target_json(records_dir, preset, seed_key)
         # progress first: it may stop the run before a failed batch is committed
         first, last = _callbacks(tracker)
         callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
