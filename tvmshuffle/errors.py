@@ -1,5 +1,6 @@
-"""The one exception type that reaches users as a one-line message (exit code 2), and the
-check of output paths (:func:`writable_output`) that turns OS errors into it."""
+"""The one exception type that reaches users as a one-line message (exit code 2), the check of
+output paths (:func:`writable_output`) that turns OS errors into it, and the one line of another
+exception that such a message quotes (:func:`first_line`, :func:`message_line`, :func:`last_line`)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,29 @@ def writable_output(path: str | os.PathLike, flag: str, directory: bool = False)
     if not os.access(folder, os.W_OK):
         raise UserError(f"{flag} {path}: {folder} is not writable")
     return path
+
+
+def _lines(err: BaseException) -> list[str]:
+    return [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message; the exception's type if it says nothing."""
+    lines = _lines(err)
+    return lines[0] if lines else type(err).__name__
+
+
+def message_line(err: BaseException) -> str:
+    """The line of ``err``'s message that says what went wrong: the first for Python's errors,
+    the last for TVM's (a C++ traceback or ``Check failed`` comes before it)."""
+    lines = _lines(err)
+    if any(ln.startswith("Traceback") or "Check failed" in ln for ln in lines):
+        return lines[-1]
+    return lines[0] if lines else type(err).__name__
+
+
+def last_line(err: BaseException) -> str:
+    """The last line of ``err``'s message (where TVM's runtime and RPC errors say what went
+    wrong); the exception's type if it says nothing."""
+    lines = _lines(err)
+    return lines[-1] if lines else type(err).__name__

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, message_line
 
 if TYPE_CHECKING:
     from tvm import IRModule
@@ -128,11 +128,11 @@ def _from_torch(name: str, module, shape, source: str, where: str | None = None,
             with torch.no_grad():
                 exported = torch.export.export(module, (torch.zeros(shape),))
         except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
-            raise UserError(f"{where}: torch.export failed for input shape {shape}: {_first_line(err)}") from err
+            raise UserError(f"{where}: torch.export failed for input shape {shape}: {message_line(err)}") from err
     try:
         mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
     except AssertionError as err:  # the importer asserts on unsupported ops
-        raise UserError(f"{where}: {_first_line(err)} (the PyTorch importer cannot translate this op)") from err
+        raise UserError(f"{where}: {message_line(err)} (the PyTorch importer cannot translate this op)") from err
     return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _torch_reference(module), source, module)
 
 
@@ -146,7 +146,7 @@ def _load_pt2(path: str, input_shape) -> ImportedModel:
         with _quiet("torch.export"):
             exported = torch.export.load(path)
     except (zipfile.BadZipFile, RuntimeError, KeyError, ValueError, EOFError) as err:
-        raise UserError(f"{path}: not a readable torch.export archive ({_first_line(err)})") from err
+        raise UserError(f"{path}: not a readable torch.export archive ({message_line(err)})") from err
     example = exported.example_inputs[0][0] if exported.example_inputs else None
     saved_shape = tuple(example.shape) if example is not None else None
     if input_shape is None and saved_shape is None:
@@ -162,7 +162,7 @@ def _load_pt2(path: str, input_shape) -> ImportedModel:
     except Exception as err:  # noqa: BLE001
         raise UserError(
             f"--input-shape {','.join(map(str, input_shape))}: {path} was exported for {saved_shape} and "
-            f"does not run at this shape ({_first_line(err)}); export it with dynamic_shapes"
+            f"does not run at this shape ({message_line(err)}); export it with dynamic_shapes"
         ) from err
     return _from_torch(name, module, input_shape, "pt2", where=path)
 
@@ -180,7 +180,7 @@ def _load_onnx(path: str, input_shape) -> ImportedModel:
         proto = onnx.load(path)
         onnx.checker.check_model(proto)
     except Exception as err:  # noqa: BLE001 - protobuf / checker errors
-        raise UserError(f"{path}: not a valid ONNX model ({_first_line(err)})") from err
+        raise UserError(f"{path}: not a valid ONNX model ({message_line(err)})") from err
     graph_inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if len(graph_inputs) != 1:
         raise UserError(f"{path}: expected one image input, the graph has {len(graph_inputs)}")
@@ -193,9 +193,9 @@ def _load_onnx(path: str, input_shape) -> ImportedModel:
     try:
         mod = from_onnx(proto, shape_dict={inp.name: list(shape)}, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as err:
-        raise UserError(f"{path}: {_first_line(err)}") from err
+        raise UserError(f"{path}: {message_line(err)}") from err
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"{path}: the ONNX importer failed: {_first_line(err)}") from err
+        raise UserError(f"{path}: the ONNX importer failed: {message_line(err)}") from err
     name = os.path.splitext(os.path.basename(path))[0]
     return ImportedModel(name, fold_batch_norm(mod), tuple(shape), _ort_reference(path, inp.name), "onnx")
 

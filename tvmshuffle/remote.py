@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, last_line
 from .runtime import RunResult, ThreadConfig, configure_threads
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,8 @@ def request_session(host: str, port: int, key: str, session_timeout: float = 600
     try:
         return session.request(key, session_timeout=session_timeout, max_retry=1)
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise UserError(f"device {key!r} via {host}:{port}: no session within {wait_timeout:.0f} s ({reason})") from None
+        raise UserError(f"device {key!r} via {host}:{port}: no session within {wait_timeout:.0f} s "
+                        f"({last_line(err)})") from None
     finally:
         session.close()
 
@@ -410,7 +410,7 @@ class Session:
         except DeviceTimeout:
             raise
         except Exception as err:  # noqa: BLE001 - dlopen errors come back as TVM errors
-            raise UserError(f"{path}: device {self.key!r} cannot load it ({_last_line(err)}); "
+            raise UserError(f"{path}: device {self.key!r} cannot load it ({last_line(err)}); "
                             "was it compiled for this device's target?") from err
 
     def load_vm(self, lib_path: Path):
@@ -505,7 +505,7 @@ def run_stateful(vm, dev, x: np.ndarray) -> np.ndarray:
         vm.set_input("main", data)
         vm.invoke_stateful("main")
     except Exception as err:  # noqa: BLE001 - shape mismatch is checked inside the VM
-        raise UserError(f"--input: the library rejects an input of shape {x.shape}: {_last_line(err)}") from err
+        raise UserError(f"--input: the library rejects an input of shape {x.shape}: {last_line(err)}") from err
     return _first_tensor(vm.get_outputs("main")).numpy()
 
 
@@ -521,6 +521,3 @@ def _first_tensor(out):
     return out
 
 
-def _last_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, last_line
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,7 @@ def load_library(path: str | Path):
     try:
         lib = tvm.runtime.load_module(path)
     except Exception as err:  # noqa: BLE001 - dlopen / TVM loader errors
-        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: cannot load as a TVM library for this machine ({msg})") from err
+        raise UserError(f"{path}: cannot load as a TVM library for this machine ({last_line(err)})") from err
     try:
         return relax.VirtualMachine(lib, tvm.cpu())
     except Exception as err:  # noqa: BLE001

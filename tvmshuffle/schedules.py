@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import _shipped, targets
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def schedule_primfunc(func, preset: targets.TargetPreset, source: str | os.PathL
         sch = _schedule(func, layer, isa, module)
     except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
         raise UserError(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+                        f"{first_line(err)}") from err
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -407,9 +407,7 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND) -> 
         try:
             module.apply(sch, layer, isa, sample=False)
         except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
-            text = str(err).strip()
-            errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: "
-                          f"{text.splitlines()[0] if text else type(err).__name__}")
+            errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: {first_line(err)}")
             return False
         return True
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import UserError, last_line
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _parse_raw(spec: str) -> TargetPreset:
     try:
         tvm.target.Target(target)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds
-        raise UserError(f"--target: TVM rejects target {spec!r}: {str(err).strip().splitlines()[-1]}") from None
+        raise UserError(f"--target: TVM rejects target {spec!r}: {last_line(err)}") from None
     triple = target.get("mtriple", "")
     cross = _DEBIAN_CROSS if triple.startswith("aarch64") and "android" not in triple else None
     if "android" in triple:

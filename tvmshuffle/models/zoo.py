@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .shufflenet_v1 import GROUPS as V1_GROUPS
 from .shufflenet_v1 import WIDTHS as V1_WIDTHS
 from .shufflenet_v1 import ShuffleNetV1
@@ -114,8 +114,8 @@ def _load_weights(model: nn.Module, name: str, weights: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors all mean "not a state_dict file"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{weights}: cannot read weights (expected a torch.save'd state_dict): {first}") from exc
+        raise UserError(f"{weights}: cannot read weights (expected a torch.save'd state_dict): "
+                        f"{first_line(exc)}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint wrapping the state_dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -15,7 +15,7 @@ import numpy as np
 from .. import remote, schedules, targets, tuning
 from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
-from ..errors import UserError
+from ..errors import UserError, last_line
 from ..remote import DeviceTimeout
 from ..runtime import ThreadConfig, check
 
@@ -142,7 +142,7 @@ def _hand(func, preset: targets.TargetPreset) -> tuple[object | None, str, str]:
     try:
         scheduled = schedules.schedule_primfunc(func, preset, source="hand")
     except UserError as err:  # a schedule that fits but fails: this row's error, not the study's
-        return None, str(err), f"error: {_last_line(err)}"
+        return None, str(err), f"error: {last_line(err)}"
     if scheduled is None:
         return None, "no hand schedule fits this layer", "missing"
     return scheduled, "", "missing"
@@ -254,9 +254,6 @@ def _random_args(layer: Layer, seed: int) -> tuple[list[np.ndarray], list[np.nda
     return inputs, outputs
 
 
-def _last_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
 
 
 def _run(runner: _Runner, module, inputs, outputs) -> tuple[list, list[np.ndarray]]:
@@ -316,7 +313,7 @@ def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, s
             except DeviceTimeout:
                 raise  # the device stopped answering: nothing more can be measured
             except Exception as err:  # noqa: BLE001 - a schedule that does not build or run: its row says so
-                row.status = f"error: {_last_line(err)}"
+                row.status = f"error: {last_line(err)}"
                 log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
                 continue
             if expected is None:
