@@ -28,10 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_models(args) -> int:
-    from .frontend import parse_input_shape
+    from .frontend import DEFAULT_INPUT_SHAPE, parse_input_shape
     from .models import zoo
 
-    shape = parse_input_shape(args.input_shape) or (1, 3, 224, 224)
+    shape = parse_input_shape(args.input_shape) or DEFAULT_INPUT_SHAPE
     rows = zoo.model_table(input_shape=shape)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -300,13 +300,13 @@ def cmd_inspect(args) -> int:
 
 def cmd_study(args) -> int:
     from . import study
-    from .frontend import parse_input_shape
+    from .frontend import DEFAULT_INPUT_SHAPE, parse_input_shape
 
     _threads(args)
     if args.output_dir:
         writable_output(args.output_dir, "-o", directory=True)  # before the study, not after
     config = study.StudyConfig(
-        target=args.target, models=args.model, input_shape=parse_input_shape(args.input_shape) or (1, 3, 224, 224),
+        target=args.target, models=args.model, input_shape=parse_input_shape(args.input_shape) or DEFAULT_INPUT_SHAPE,
         tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         trials_per_layer=args.trials_per_layer, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
         rpc_timeout=args.rpc_timeout,
@@ -370,6 +370,8 @@ def _add_schedules_arg(p, what: str = "schedule the kernels they fit; with --tun
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import device  # its defaults (no TVM import)
+
     parser = _Parser(prog="tvmshuffle", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -477,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("device", help="the emulated aarch64 device: a TVM RPC tracker + server under qemu")
     p.add_argument("action", choices=["up", "status", "down"])
-    p.add_argument("--key", default="emu-aarch64", help="device key (default emu-aarch64)")
+    p.add_argument("--key", default=device.DEFAULT_KEY, help=f"device key (default {device.DEFAULT_KEY})")
     p.add_argument("--count", type=int, default=1, metavar="N",
                    help="up: N emulated servers under the key (a farm: tune measures on all at once; default 1)")
-    p.add_argument("--tracker-port", type=int, default=9190, help="tracker port (default 9190)")
+    p.add_argument("--tracker-port", type=int, default=device.DEFAULT_TRACKER_PORT,
+                   help=f"tracker port (default {device.DEFAULT_TRACKER_PORT})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; an RPC server runs any code it is sent)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -138,13 +138,14 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
     import tvm
 
     from . import runtime
+    from .frontend import DEFAULT_INPUT_SHAPE
 
     used = runtime.configure_local_threads(threads) if threads is not None else None
     kernels_list = kernels_list or _kernels_of(path)
     vm = runtime.load_library(path)
     lib = tvm.runtime.load_module(str(path))
     rows = time_kernels(kernel_library(lib), kernels_list, number=number, repeat=repeat)
-    shape = kernels_list[0].inputs[0] if kernels_list else [1, 3, 224, 224]
+    shape = kernels_list[0].inputs[0] if kernels_list else list(DEFAULT_INPUT_SHAPE)
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     total = runtime.run(vm, x, repeat=repeat, number=number).median_ms
     return Profile(str(path), "this CPU" + (f", {used} threads" if used else ""), total, rows)

@@ -36,7 +36,7 @@ from .provisioning import EmulatorLayout, provision
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY = remote.DEFAULT_KEY
-DEFAULT_TRACKER_PORT = 9190
+DEFAULT_TRACKER_PORT = int(remote.DEFAULT_TRACKER.rsplit(":", 1)[1])
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_MAIN = Path(__file__).with_name("_rpc_server_main.py")
 #: Strings in the command line of every process of ours (leaders and popen workers).

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
+from ..frontend import DEFAULT_INPUT_SHAPE
 from .shufflenet_v1 import GROUPS as V1_GROUPS
 from .shufflenet_v1 import WIDTHS as V1_WIDTHS
 from .shufflenet_v1 import ShuffleNetV1
@@ -155,7 +156,7 @@ def check_input_shape(input_shape: tuple[int, ...]) -> None:
                         f"{IN_CHANNELS} input channels, got C={input_shape[1]}")
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> int:
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE) -> int:
     """Multiply-accumulates of all Conv2d and Linear layers for one forward pass of ``input_shape``.
 
     Counted with forward hooks, so it follows the actual forward (shapes, strides, groups).
@@ -204,7 +205,7 @@ def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def model_table(input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> list[dict]:
+def model_table(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE) -> list[dict]:
     """One row per zoo model: name, family, groups, width, macs (int), params (int).
 
     Models are built on the ``meta`` device, so this takes well under a second per model.
