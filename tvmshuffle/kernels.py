@@ -1,14 +1,16 @@
 """What a lowered module is made of: one row per compiled kernel (PrimFunc).
 
 Used by ``tvmshuffle inspect`` (and the profiler): kernel name, argument and output shapes,
-MACs, and whether the kernel is a *standalone shuffle* — a kernel that moves a tensor through
-a transpose, the copy that ``FuseShuffleGroupConv`` exists to remove.
+MACs (read by :mod:`tvmshuffle.tir_analysis`), and whether the kernel is a *standalone
+shuffle* — a kernel that moves a tensor through a transpose, the copy that
+``FuseShuffleGroupConv`` exists to remove.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+
+from . import tir_analysis
 
 
 @dataclass
@@ -23,46 +25,6 @@ class Kernel:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _blocks(func):
-    """Every SBlock of a PrimFunc (with its iteration domain)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    stack = [sch.get_sblock("root")] if _has_root(sch) else []
-    while stack:
-        rv = stack.pop()
-        for child in sch.get_child_blocks(rv):
-            stack.append(child)
-            yield sch.get(child)
-
-
-def _has_root(sch) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001 - a func without a root block has no blocks to count
-        return False
-
-
-def _is_multiply_accumulate(block) -> bool:
-    """A reduction block whose update is ``acc + a * b`` (conv, matmul; not pooling)."""
-    import tvm
-
-    reduces = [iv for iv in block.iter_vars if iv.iter_type == 2]  # CommReduce
-    body = block.body
-    if not reduces or not isinstance(body, tvm.tirx.BufferStore) or not isinstance(body.value, tvm.tirx.Add):
-        return False
-    return any(isinstance(operand, tvm.tirx.Mul) for operand in (body.value.a, body.value.b))
-
-
-def _macs(blocks) -> int:
-    return sum(
-        math.prod(int(iv.dom.extent) for iv in block.iter_vars)
-        for block in blocks
-        if _is_multiply_accumulate(block)
-    )
 
 
 def _shape(ty) -> list[int]:
@@ -89,14 +51,14 @@ def list_kernels(mod) -> list[Kernel]:
             rows[gvar.name_hint].calls += 1
             return
         func = mod[gvar]
-        blocks = list(_blocks(func))
+        blocks = tir_analysis.blocks(func)  # nested too: a scheduled module's kernels count
         names = [b.name_hint for b in blocks]
         args = [_shape(a.ty) for a in expr.args[1].fields]
         rows[gvar.name_hint] = Kernel(
             name=gvar.name_hint,
             inputs=args,
             outputs=_shapes(expr.ty),
-            macs=_macs(blocks),
+            macs=tir_analysis.macs(blocks),
             standalone_shuffle=any("transpose" in n for n in names),
             fused_shuffle_conv=any("shuffle_group_conv2d" in n for n in names) or "shuffle_group_conv2d" in gvar.name_hint,
         )

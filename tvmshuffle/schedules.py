@@ -5,8 +5,9 @@ with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (`
 ``depthwise.py``), so that a user studying them edits plain files; this module is the registry
 that loads them and the glue to the compiler:
 
-* :func:`describe` reads a fused PrimFunc (conv block ``shuffle_group_conv2d``, maybe a
-  ``shuffle_pad`` stage before it, epilogue blocks after it) into a :class:`ConvLayer`;
+* :func:`describe` (of :mod:`tvmshuffle.tir_analysis`, named here too) reads a fused PrimFunc
+  (conv block ``shuffle_group_conv2d``, maybe a ``shuffle_pad`` stage before it, epilogue
+  blocks after it) into the :class:`ConvLayer` a schedule file takes;
 * :func:`isa_for` picks the vector ISA of a target preset (:data:`ISAS`: AVX2, NEON);
 * :func:`load` loads a schedule directory (``"hand"`` = the shipped ``schedules/``);
 * :func:`database` is the hand schedules as a MetaSchedule database
@@ -40,16 +41,11 @@ from types import ModuleType
 
 from . import _shipped, targets
 from .errors import UserError, first_line
+# what a PrimFunc is (read by the schedule files): defined with the TIR analysis, named here too
+from .tir_analysis import (  # noqa: F401 - re-exported
+    CONV_BLOCK, CONV_BLOCKS, PAD_BLOCK, PAD_BLOCKS, ConvLayer, MatmulLayer, describe)
 
 log = logging.getLogger(__name__)
-
-CONV_BLOCK = "shuffle_group_conv2d"
-PAD_BLOCK = "shuffle_pad"
-#: the conv blocks :func:`describe` reads: the fused operator's, and LegalizeOps' ``conv2d``
-#: (dense) and grouped/depthwise ``conv2d`` (no shuffle in front: the shuffle is the identity)
-CONV_BLOCKS = (CONV_BLOCK, "conv2d_nchw", "group_conv2d_nchw")
-#: the padding stage before each: the fused operator's, LegalizeOps' (a copy where nothing is padded)
-PAD_BLOCKS = (PAD_BLOCK, "pad_temp")
 
 #: ``--schedules`` values besides a directory path: the shipped hand schedules (the default), none
 HAND, NONE = "hand", "none"
@@ -90,167 +86,6 @@ def isa_for(preset: targets.TargetPreset) -> Isa:
         raise UserError(f"--target {preset.name}: no hand schedules for {triple or 'this machine'} "
                         "(AVX2 and NEON only)")
     return ISAS["avx2"]
-
-
-@dataclass
-class ConvLayer:
-    """One conv kernel (the fused ``shuffle_group_conv2d``, or a plain conv2d), as its PrimFunc spells it."""
-
-    out_channels: int
-    in_channels: int  # of the (unshuffled) data
-    group_in: int  # input channels per conv group
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    out_hw: tuple[int, int]
-    padded: bool  # a padding stage (shuffle_pad, pad_temp) that pads comes first
-    reduction: tuple[str, ...]  # the conv block's reduction iterators, e.g. ("ri", "rj", "ry", "rx")
-    out_per_group: int  # output channels per conv group (all of them: dense; 1: depthwise)
-    epilogue: list[str] = field(default_factory=list)  # block names after the conv, in order
-    conv_block: str = CONV_BLOCK  # the conv block's name (:data:`CONV_BLOCKS`)
-    #: the padding block's name, if any; one that pads nothing (LegalizeOps' ``pad_temp`` of a
-    #: 1x1 conv) is a copy, which a schedule inlines
-    pad_block: str | None = None
-
-    @property
-    def shuffled(self) -> bool:
-        """Whether a channel shuffle is in front (the fused operator) or not (a plain conv2d)."""
-        return self.conv_block == CONV_BLOCK
-
-    @property
-    def kind(self) -> str:
-        if self.group_in == 1 and self.kernel != (1, 1):
-            return "depthwise"
-        if self.kernel == (1, 1) and self.stride == (1, 1) and not self.padded:
-            return "pointwise"
-        return "other"
-
-    @property
-    def conv_groups(self) -> int:
-        return self.out_channels // self.out_per_group
-
-
-@dataclass
-class MatmulLayer:
-    """A classifier's ``matmul`` (LegalizeOps' block: ``out[m, n] += x[m, k] * w[k, n]``, the
-    weight a constant laid out ``[K, N]``) and its epilogue, as its PrimFunc spells it."""
-
-    m: int
-    n: int
-    k: int
-    epilogue: list[str] = field(default_factory=list)  # block names after the matmul, in order
-    block: str = "matmul"
-    kind: str = "matmul"
-
-
-def _describe_matmul(func, blocks, names) -> MatmulLayer | None:
-    if names[0] != "matmul" or any(n in names for n in CONV_BLOCKS):
-        return None
-    mm = blocks[0]
-    spatial = [iv for iv in mm.iter_vars if iv.iter_type == 0]
-    reduce_ = [iv for iv in mm.iter_vars if iv.iter_type != 0]
-    if len(spatial) != 2 or len(reduce_) != 1:
-        return None
-    params = {getattr(p, "name", None) for p in func.params}
-    reads = [r for r in mm.reads if not r.source.same_as(mm.writes[0].source)]
-    if len(reads) != 2 or any(len(r.source.shape) != 2 for r in reads):
-        return None
-    k_var, n_var = reduce_[0].var, spatial[1].var
-    weight = next((r for r in reads if r.source.name in params and r.region[0].min.same_as(k_var)
-                   and r.region[1].min.same_as(n_var)), None)
-    if weight is None or not weight.source.name.startswith("param"):  # a bound constant [K, N]
-        return None
-    return MatmulLayer(m=int(spatial[0].dom.extent), n=int(spatial[1].dom.extent), k=int(reduce_[0].dom.extent),
-                       epilogue=names[1:])
-
-
-def _blocks(sch):
-    root = sch.get_sblock("root")
-    return [sch.get(b) for b in sch.get_child_blocks(root)]
-
-
-def describe(func) -> ConvLayer | MatmulLayer | None:
-    """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
-    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
-    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), or None."""
-    import tvm
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    try:
-        blocks = _blocks(sch)
-    except Exception:  # noqa: BLE001 - e.g. already scheduled (no flat root)
-        return None
-    names = [b.name_hint for b in blocks]
-    if names and names[0] == "matmul":
-        return _describe_matmul(func, blocks, names)
-    conv_name = next((n for n in CONV_BLOCKS if n in names), None)
-    if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
-        return None
-    conv_index = names.index(conv_name)
-    pads = [n for n in names[:conv_index] if n in PAD_BLOCKS]
-    if conv_index != len(pads):  # only a padding stage may come before the conv
-        return None
-    conv = blocks[conv_index]
-    spatial = [iv for iv in conv.iter_vars if iv.iter_type == 0]
-    reduce_ = [iv for iv in conv.iter_vars if iv.iter_type != 0]
-    if len(spatial) != 4:
-        return None
-    _, out_c, out_h, out_w = (int(iv.dom.extent) for iv in spatial)
-    params = {getattr(p, "name", None) for p in func.params}  # the buffers passed in
-    reads = [r for r in conv.reads if not r.source.same_as(conv.writes[0].source)]
-    if len(reads) != 2 or any(len(r.source.shape) != 4 for r in reads):
-        return None
-    pad = blocks[conv_index - 1] if pads else None
-    # the data: what the padding stage writes, else the input that is not a bound constant
-    # (the weight: a parameter named param_N after FuseTIR)
-    padded_data = [r.source for r in reads if pad is not None and r.source.same_as(pad.writes[0].source)]
-    others = [r.source for r in reads if not any(r.source.same_as(d) for d in padded_data)]
-    if padded_data and len(others) == 1:
-        data, weight = padded_data[0], others[0]
-    else:
-        weight = next((b for b in others if b.name.startswith("param")), None)
-        data = next((b for b in others if not b.same_as(weight)), None) if weight is not None else None
-    if data is None or weight is None or weight.name not in params:
-        return None
-    _, group_in, kh, kw = (int(d) for d in weight.shape)
-    source = pad.reads[0].source if pad is not None else data
-    padded = pad is not None and [int(d) for d in pad.writes[0].source.shape] != [int(d) for d in source.shape]
-
-    data_read = next(r for r in conv.reads if r.source.same_as(data))
-
-    def find(expr, match):
-        """First ``match(node)`` that is not None in an index expression (+ - * // % nodes)."""
-        found = match(expr)
-        for child in (getattr(expr, "a", None), getattr(expr, "b", None)):
-            if found is None and child is not None:
-                found = find(child, match)
-        return found
-
-    def factor_of(var, node_type):
-        return lambda node: int(node.b) if isinstance(node, node_type) and node.a.same_as(var) else None
-
-    # a grouped conv's data index holds ``v_o // out_per_group``; a dense one none; depthwise: 1
-    if group_in == 1 and (kh, kw) != (1, 1):
-        out_per_group = 1
-    else:
-        out_per_group = find(data_read.region[1].min, factor_of(spatial[1].var, tvm.tirx.FloorDiv)) or out_c
-    # the data index of y is ``v_y * stride + v_ry`` (``v_y + v_ry`` for stride 1)
-    stride = tuple(find(data_read.region[d].min, factor_of(spatial[d].var, tvm.tirx.Mul)) or 1 for d in (2, 3))
-
-    return ConvLayer(
-        out_channels=out_c,
-        in_channels=int(source.shape[1]),
-        group_in=group_in,
-        kernel=(kh, kw),
-        stride=stride,
-        out_hw=(out_h, out_w),
-        padded=padded,
-        reduction=tuple(iv.var.name.removeprefix("v_") for iv in reduce_),
-        out_per_group=out_per_group,
-        epilogue=names[conv_index + 1:],
-        conv_block=conv_name,
-        pad_block=pad.name_hint if pad is not None else None,
-    )
 
 
 def split_factors(sch, loop, inner: int, sample: bool):

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import schedules, targets
+from .. import targets
 from ..errors import UserError
 from ..remote import check_rpc_args
 from ..frontend import DEFAULT_INPUT_SHAPE
@@ -14,8 +14,6 @@ from ..runtime import ThreadConfig
 
 log = logging.getLogger(__name__)
 
-#: the fused operator's compute block and its zero border stage (part of it, not an epilogue)
-CONV_BLOCK, PAD_BLOCK = schedules.CONV_BLOCK, schedules.PAD_BLOCK
 SCHEDULES = ("default", "hand", "tuned")
 #: ``<records root>/<target>/study``: where the study's tuning records live
 STUDY_RECORDS = "study"

@@ -1,19 +1,21 @@
 """The layers studied: the distinct fused ``shuffle_group_conv2d`` PrimFuncs of the chosen models,
-with their MACs, minimum traffic and epilogue, read from the TIR."""
+with their MACs, minimum traffic and epilogue, read from the TIR (by :mod:`tvmshuffle.tir_analysis`;
+what is the study's own here is the layer's label)."""
 
 from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
-from .. import frontend, kernels, pipeline, schedules
+from .. import frontend, kernels, pipeline
 from ..errors import UserError
+from ..tir_analysis import (CONV_BLOCK, activation_param, blocks, buffer_shape, describe, epilogue_name, int_value,
+                            min_bytes, walk)
 
-from .config import CONV_BLOCK, FAMILIES, StudyConfig, _bar, _preset
+from .config import FAMILIES, StudyConfig, _bar, _preset
 
 log = logging.getLogger(__name__)
 
@@ -141,106 +143,38 @@ def _unique_labels(layers: list[Layer]) -> None:
             layer.layer = f"{base} #{seen[base]}"
 
 
-# --------------------------------------------------------------------------- PrimFunc analysis
-
-
-def _type_name(obj) -> str:
-    return type(obj).__name__
-
-
-def _walk(expr, kind: str) -> list:
-    """Every sub-expression of ``expr`` whose class is named ``kind`` (pre-order)."""
-    import tvm_ffi
-
-    found: list = []
-    tvm_ffi.structural_walk(expr, lambda x: found.append(x) if _type_name(x) == kind else None, order="pre")
-    return found
-
-
-def _int(expr) -> int | None:
-    return int(expr.value) if _type_name(expr) == "IntImm" else None
-
-
-def ordered_blocks(func) -> list:
-    """The SBlocks of a PrimFunc in program order (root excluded)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    try:
-        root = sch.get_sblock("root")
-    except Exception:  # noqa: BLE001 - a func without a root block has no blocks
-        return []
-    out = []
-
-    def visit(rv):
-        for child in sch.get_child_blocks(rv):
-            out.append(sch.get(child))
-            visit(child)
-
-    visit(root)
-    return out
-
-
-def buffer_shape(buffer) -> list[int]:
-    return [int(d) for d in buffer.shape]
-
-
-def _dtype_bytes(dtype) -> int:
-    import tvm
-
-    return max(1, tvm.runtime.DataType(str(dtype)).bits // 8)
-
-
-def _epilogue_name(block, params) -> str:
-    """``bias``, ``relu``, ``add`` (residual) or the block's own name."""
-    value = getattr(block.body, "value", None)
-    kind = _type_name(value)
-    if kind == "Max" and (_type_name(value.b) in ("FloatImm", "IntImm") and float(value.b.value) == 0.0):
-        return "relu"
-    if kind == "Add":
-        loads = [v for v in (value.a, value.b) if _type_name(v) == "TensorLoad"]
-        out = buffer_shape(block.body.buffer)
-        for load in loads:
-            if any(load.source.same_as(p) for p in params):
-                shape = buffer_shape(load.source)
-                if len(shape) == len(out) and shape != out and math.prod(shape) < math.prod(out):
-                    return "bias"
-        return "add"  # a residual (or any other) addition
-    name = block.name_hint
-    for prefix in ("T_", "compute_"):
-        name = name.removeprefix(prefix)
-    return name.rstrip("0123456789").rstrip("_") or block.name_hint
+# --------------------------------------------------------------------------- a layer's facts and label
 
 
 def _analyse(func, n_outputs: int) -> dict | None:
     """Shape facts of a fused layer; None if it has no ``shuffle_group_conv2d`` block."""
-    blocks = ordered_blocks(func)
-    index = next((i for i, b in enumerate(blocks) if b.name_hint == CONV_BLOCK), None)
+    stages = blocks(func)
+    index = next((i for i, b in enumerate(stages) if b.name_hint == CONV_BLOCK), None)
     if index is None:
         return None
-    conv = blocks[index]
+    conv = stages[index]
     params = list(func.params)
     inputs, outputs = params[: len(params) - n_outputs], params[len(params) - n_outputs:]
-    loads = _walk(conv.body.value, "TensorLoad")
+    loads = walk(conv.body.value, "TensorLoad")
     _, out_c, out_h, out_w = buffer_shape(conv.body.buffer)
     facts = {
         "inputs": [buffer_shape(p) for p in inputs],
         "outputs": [buffer_shape(p) for p in outputs],
         "dtypes": [str(p.dtype) for p in params],
         "shuffle_groups": None,
-        "epilogue": [_epilogue_name(b, params) for b in blocks[index + 1:]],
+        "epilogue": [epilogue_name(b, params) for b in stages[index + 1:]],
     }
     # the reads of acc + data * weight (the accumulator is the output itself)
     reads = [ld for ld in loads if not ld.source.same_as(conv.body.buffer)]
     if len(reads) < 2 or len(buffer_shape(reads[-1].source)) != 4:
-        facts.update(kind="other", label=f"conv {out_c} {out_h}x{out_w}", bytes=_min_bytes(inputs, outputs))
+        facts.update(kind="other", label=f"conv {out_c} {out_h}x{out_w}", bytes=min_bytes(inputs, outputs))
         return facts
     data_load = reads[0]
-    layer = schedules.describe(func)  # kind, kernel, stride, groups: as the hand schedules see it
+    layer = describe(func)  # kind, kernel, stride, groups: as the hand schedules see it
     kh, kw = layer.kernel
-    activation = _activation_param(data_load, blocks[:index], inputs)
+    activation = activation_param(data_load, stages[:index], inputs)
     c_total, height, width = (buffer_shape(activation)[1:4] if activation is not None else (0, 0, 0))
-    groups = [_int(m.b) for m in _walk(data_load.indices[1], "FloorMod") if _int(m.b)]
+    groups = [int_value(m.b) for m in walk(data_load.indices[1], "FloorMod") if int_value(m.b)]
     ri = [int(iv.dom.extent) for iv in conv.iter_vars if iv.var.name in ("v_ri", "ri")]
     facts["shuffle_groups"] = groups[0] if groups else (ri[0] if ri else None)
     conv_groups = layer.conv_groups
@@ -261,34 +195,5 @@ def _analyse(func, n_outputs: int) -> dict | None:
     if facts["epilogue"]:
         label += " +" + "+".join(facts["epilogue"])
     facts.update(kind=kind, label=label,
-                 bytes=_min_bytes(inputs, outputs, activation, count))
+                 bytes=min_bytes(inputs, outputs, activation, count))
     return facts
-
-
-def _activation_param(data_load, before: list, inputs: list):
-    """The function argument the convolution's data comes from (through ``shuffle_pad``)."""
-    for p in inputs:
-        if data_load.source.same_as(p):
-            return p
-    for block in before:  # data read through a pad stage: what that stage reads
-        if block.body is not None and hasattr(block.body, "buffer") and block.body.buffer.same_as(data_load.source):
-            for load in _walk(block.body.value, "TensorLoad"):
-                for p in inputs:
-                    if load.source.same_as(p):
-                        return p
-    return None
-
-
-def _min_bytes(inputs, outputs, activation=None, count: int = 0) -> int:
-    """Every input read once (of ``activation`` only its first ``count`` channels' worth), every
-    output written once."""
-    total = 0
-    for p in inputs:
-        shape = buffer_shape(p)
-        if activation is not None and p.same_as(activation) and count and len(shape) == 4 and count < shape[1]:
-            shape = [shape[0], count, *shape[2:]]  # only the channels the convolution reads
-        total += math.prod(shape) * _dtype_bytes(p.dtype)
-    total += sum(math.prod(buffer_shape(p)) * _dtype_bytes(p.dtype) for p in outputs)
-    return total
-
-

@@ -18,9 +18,10 @@ from .._shipped import display
 from ..errors import UserError, last_line
 from ..remote import DeviceTimeout
 from ..runtime import ThreadConfig, check
+from ..tir_analysis import blocks, buffer_shape
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig, _bar, _preset
-from .layers import Layer, buffer_shape, fused_layers, ordered_blocks
+from .layers import Layer, fused_layers
 from .hardware import Bandwidth, Peak, cpu_peak, measure_bandwidth, set_tvm_threads
 from .report import Row, StudyReport
 
@@ -273,7 +274,7 @@ def without_weight_packing(func):
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    if not any(LAYOUT_REWRITE in b.annotations for b in ordered_blocks(func)):
+    if not any(LAYOUT_REWRITE in b.annotations for b in blocks(func)):
         return None
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     return RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)["main"]
