@@ -46,7 +46,7 @@ def test_non_editable_install_ships_schedules_and_records(tmp_path):
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=work, env=env,
                               timeout=500)
 
-    probe = run("-c", "import tvmshuffle, tvmshuffle.tuning as t; print(tvmshuffle.__file__); print(t.default_root())")
+    probe = run("-c", "import tvmshuffle, tvmshuffle.records as r; print(tvmshuffle.__file__); print(r.default_root())")
     assert probe.returncode == 0, probe.stderr
     package, root = (Path(line) for line in probe.stdout.splitlines())
     assert package.parent == installed

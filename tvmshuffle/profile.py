@@ -76,11 +76,20 @@ class Profile:
 
     @property
     def kernels_ms(self) -> float:
+        """The kernels timed alone, each × its calls."""
         return sum(k.total_ms for k in self.kernels)
+
+    @property
+    def gap_ms(self) -> float:
+        """What the whole model takes beyond its kernels timed alone: the VM's dispatch and
+        allocations, thread-pool wake-ups, caches cold between kernels (negative: the kernels
+        ran faster in the model, e.g. warm caches)."""
+        return self.total_ms - self.kernels_ms
 
     def as_dict(self) -> dict:
         return {"model": self.model, "where": self.where, "total_ms": self.total_ms,
-                "kernels_ms": self.kernels_ms, "kernels": [k.as_dict() for k in self.kernels]}
+                "kernels_ms": self.kernels_ms, "gap_ms": self.gap_ms,
+                "kernels": [k.as_dict() for k in self.kernels]}
 
 
 def _kernels_of(path) -> list[Kernel]:
@@ -154,7 +163,9 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
 def markdown(profile: Profile) -> str:
     lines = [
         f"**{profile.model}** on {profile.where}: whole model {profile.total_ms:.3f} ms, "
-        f"kernels timed alone sum to {profile.kernels_ms:.3f} ms",
+        f"kernels timed alone sum to {profile.kernels_ms:.3f} ms, gap {profile.gap_ms:.3f} ms "
+        f"({profile.gap_ms / profile.total_ms:.0%} of the model: VM dispatch, allocation, thread wake-ups, "
+        "cold caches)",
         "",
         "| kernel | calls | output | MACs (M) | ms per call | ms total | GFLOP/s | share |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
