@@ -381,6 +381,29 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path):
     assert json.loads((plain / TARGET_FILE).read_text())["seed_schedules"] == "hand"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hand_schedule_that_repacks_its_weight_is_seeded(tmp_path, caplog):
+    """A hand schedule that repacks its weight (a ``layout_rewrite_preproc`` block: the 7x7
+    channel-vector form) is measured with the weight as built, repacked. Measured with the
+    weight's original shape, it failed ("expected 3") and the records never held it."""
+    import logging
+
+    from tvmshuffle import tuning
+
+    mod, reference = _lowered(*LAYERS["pw_dense_7"])
+    records = tmp_path / "host" / "layer"
+    with caplog.at_level(logging.INFO, logger="tvmshuffle.tuning"):
+        tuning.tune(mod, HOST, tuning.TuneConfig(trials=1, records_dir=records, **FAST_TUNE))
+    assert "seeded with the hand schedule" in caplog.text and "did not run" not in caplog.text
+    assert _hand_records(records) == 1
+    executable, tuned, _ = pipeline.build(mod, HOST, records)
+    assert tuned == 1
+    data = np.random.default_rng(3).standard_normal(LAYERS["pw_dense_7"][0]).astype("float32")
+    expected = reference(data)
+    np.testing.assert_allclose(_run(executable, data), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 # --------------------------------------------------------------------------- plain convs (no shuffle in front)
 
 

@@ -28,8 +28,9 @@ from tvmshuffle.errors import UserError
 
 from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
 
-#: one xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("tuning")
+#: the tests of the tuned records (``tuned_local``, a module-scoped tune) share one xdist worker,
+#: so it is tuned once; the others spread over the workers (``tiny`` is quick to build again)
+TUNED_LOCAL = pytest.mark.xdist_group("tuning-local")
 
 #: small and quick: tiny population, one measurement per candidate; MetaSchedule's own design
 #: space (the tiny conv has a hand schedule, stem.py; seeding is tested in test_schedules.py)
@@ -93,6 +94,7 @@ def tuned_local(tiny, tmp_path_factory):
 # local
 
 
+@TUNED_LOCAL
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_tune_local_records_apply_and_output(tiny, tuned_local):
@@ -121,6 +123,7 @@ def test_tune_local_records_apply_and_output(tiny, tuned_local):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@TUNED_LOCAL
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_budget_already_met_does_nothing(tiny, tuned_local):
@@ -133,6 +136,7 @@ def test_budget_already_met_does_nothing(tiny, tuned_local):
     assert (tuned_local.records_dir / RECORD_FILE).read_bytes() == before
 
 
+@TUNED_LOCAL
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_apply_tolerates_a_torn_last_line(tiny, tuned_local, tmp_path, caplog):
@@ -239,6 +243,7 @@ def test_apply_refuses_records_of_another_target(tiny, tmp_path):
         tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
 
 
+@TUNED_LOCAL
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_records_of_another_cpu_are_set_aside_with_a_note(tiny, tuned_local, tmp_path, caplog):

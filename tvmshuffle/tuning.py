@@ -591,7 +591,9 @@ def _seed_record(context, preset, source: str, database, builder, runner, stat: 
             log.warning("%s: the hand schedule fails MetaSchedule's %s check; not seeded",
                         stat.name, type(postproc).__name__)
             return
-    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    # the arguments as built: a weight the schedule repacks (layout_rewrite_preproc) is passed
+    # repacked, as MetaSchedule does for its own candidates
+    args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     built = builder.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
     if built.error_msg:
         log.warning("%s: the hand schedule did not build: %s", stat.name, _worker_message(built.error_msg))
