@@ -170,8 +170,8 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
-    log.info("scheduled %d kernels from %s, %d with %s schedules", tuned,
-             records.path if records else "no records", from_hand, source)
+    log.info("scheduled %d kernels from %s, %s", tuned, records.path if records else "no records",
+             f"{from_hand} with {source} schedules" if hand is not None else "no hand schedules (--schedules none)")
     return mod, tuned, from_hand
 
 
