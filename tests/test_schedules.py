@@ -87,6 +87,26 @@ def _run(executable, data):
     return vm["main"](tvm.runtime.tensor(data)).numpy()
 
 
+def _hand_matches_reference_and_none(mod, data, expected, run=_run):
+    """Built with its one hand schedule (the default) and with ``--schedules none``: the hand
+    build matches ``expected`` and, closer, the none build."""
+    hand, _, n_hand = pipeline.build(mod, HOST)
+    none, _, n_none = pipeline.build(mod, HOST, schedule_source="none")
+    assert (n_hand, n_none) == (1, 0)
+    out_hand, out_none = run(hand, data), run(none, data)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out_hand, out_none, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _hand_builds_aarch64_elf(mod, library: Path) -> None:
+    """Built for aarch64 with its one hand schedule: an AArch64 ELF shared library."""
+    executable, _, n_hand = pipeline.build(mod, AARCH64)
+    assert n_hand == 1
+    header = pipeline.export(executable, AARCH64, library).read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
 # --------------------------------------------------------------------------- numerics
 
 
@@ -99,27 +119,16 @@ def test_hand_schedule_matches_the_reference_op_and_the_default_build(name):
     assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
     assert schedules.schedule_primfunc(func, HOST) is not None, f"no hand schedule fits {layer}"
 
-    hand, _, n_hand = pipeline.build(mod, HOST)  # hand schedules: the default
-    assert schedules.describe(_fused_funcs(mod)[0]) is not None  # the caller's module is untouched
-    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
-    assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
-    out_hand, out_default = _run(hand, data), _run(default, data)
-    expected = reference(data)
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+    _hand_matches_reference_and_none(mod, data, reference(data))
+    assert schedules.describe(_fused_funcs(mod)[0]) is not None  # the caller's module is untouched
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
     data_shape, weight_shape, params, epilogue = LAYERS[name]
     mod, _ = _lowered(data_shape, weight_shape, params, epilogue, preset=AARCH64)
-    executable, _, n_hand = pipeline.build(mod, AARCH64, schedule_source="hand")
-    assert n_hand == 1
-    library = pipeline.export(executable, AARCH64, tmp_path / "layer.so")
-    header = library.read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    _hand_builds_aarch64_elf(mod, tmp_path / "layer.so")
 
 
 def test_isa_choice_per_target():
@@ -462,25 +471,14 @@ def test_plain_conv_hand_schedule_matches_the_reference_and_the_none_build(name)
     assert layer.kind == name.split("_")[0].replace("pw", "pointwise").replace("dw", "depthwise")
     assert layer.stride == (params.get("strides", 1),) * 2 and layer.padded == ("padding" in params)
     assert layer.conv_groups == params.get("groups", 1)
-    hand, _, n_hand = pipeline.build(mod, HOST)
-    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
-    assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
-    out_hand, out_default = _run(hand, data), _run(default, data)
-    expected = reference(data)
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+    _hand_matches_reference_and_none(mod, data, reference(data))
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN))
 def test_plain_conv_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
     mod, _ = _plain(*PLAIN[name], preset=AARCH64)
-    executable, _, n_hand = pipeline.build(mod, AARCH64)
-    assert n_hand == 1
-    library = pipeline.export(executable, AARCH64, tmp_path / "layer.so")
-    header = library.read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    _hand_builds_aarch64_elf(mod, tmp_path / "layer.so")
 
 
 #: the stem: a dense 3x3 conv on 3 channels (stride 2, as ShuffleNet's; stride 1 too)
@@ -499,24 +497,14 @@ def test_stem_hand_schedule_matches_the_reference_and_the_none_build(name):
     assert (layer.kind, layer.conv_groups, layer.group_in) == ("other", 1, 3)
     (module,) = [m for m in schedules.load() if m.matches(layer, schedules.isa_for(HOST))]
     assert module.NAME == "stem"
-    hand, _, n_hand = pipeline.build(mod, HOST)
-    default, _, n_default = pipeline.build(mod, HOST, schedule_source="none")
-    assert (n_hand, n_default) == (1, 0)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
-    out_hand, out_default = _run(hand, data), _run(default, data)
-    expected = reference(data)
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(out_hand, out_default, rtol=1e-5, atol=1e-5 * scale)
+    _hand_matches_reference_and_none(mod, data, reference(data))
 
 
 @pytest.mark.parametrize("name", sorted(STEM))
 def test_stem_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
     mod, _ = _plain(*STEM[name], preset=AARCH64)
-    executable, _, n_hand = pipeline.build(mod, AARCH64)
-    assert n_hand == 1
-    header = pipeline.export(executable, AARCH64, tmp_path / "stem.so").read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    _hand_builds_aarch64_elf(mod, tmp_path / "stem.so")
 
 
 def test_a_dense_3x3_conv_on_many_channels_is_left_alone():
@@ -555,22 +543,13 @@ def test_matmul_hand_schedule_matches_pytorch_and_the_none_build(n_out, k):
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     layer = schedules.describe(func)
     assert (layer.kind, layer.m, layer.n, layer.k, layer.epilogue) == ("matmul", 1, n_out, k, ["T_add"])
-    hand, _, n_hand = pipeline.build(mod, HOST)
-    none, _, n_none = pipeline.build(mod, HOST, schedule_source="none")
-    assert (n_hand, n_none) == (1, 0)
-    out_hand = _out(relax.VirtualMachine(hand, tvm.cpu())["main"](tvm.runtime.tensor(x)))
-    out_none = _out(relax.VirtualMachine(none, tvm.cpu())["main"](tvm.runtime.tensor(x)))
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(out_hand, expected, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(out_hand, out_none, rtol=1e-5, atol=1e-5 * scale)
+    _hand_matches_reference_and_none(
+        mod, x, expected, run=lambda exe, data: _out(relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(data))))
 
 
 def test_matmul_hand_schedule_builds_for_aarch64_neon(tmp_path):
     mod, _, _ = _linear(1000, 1024, preset=AARCH64)
-    executable, _, n_hand = pipeline.build(mod, AARCH64)
-    assert n_hand == 1
-    header = pipeline.export(executable, AARCH64, tmp_path / "fc.so").read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    _hand_builds_aarch64_elf(mod, tmp_path / "fc.so")
 
 
 def test_a_matmul_of_two_inputs_is_not_the_classifiers():
