@@ -36,7 +36,14 @@ def _use_forkserver(wrapper: str) -> None:
     multiprocessing.set_executable(wrapper)
     multiprocessing.set_start_method("forkserver", force=True)
     multiprocessing.set_forkserver_preload(["tvm", "tvm.rpc.server", "numpy"])
-    forkserver.ensure_running()  # now, not inside the first session's time budget
+    # Start the forkserver and wait until it has imported the preload and forked once: only then
+    # does the server register with the tracker. Otherwise the first session waits for that
+    # import (~15 s emulated, over a minute on a slow, busy host) inside its own time budget, and
+    # a runner's 60 s timeout can expire before the session has started.
+    forkserver.ensure_running()
+    warmup = multiprocessing.Process(target=sum, args=((),))
+    warmup.start()
+    warmup.join()
 
 
 def main() -> None:

@@ -296,9 +296,10 @@ def _key_count(config: DeviceConfig) -> int:
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (session), output to ``log_path``."""
+    """Start ``cmd`` in its own process group (session), output appended to ``log_path`` (a
+    restarted server's log keeps what the previous one wrote before it died)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
+    with open(log_path, "a") as out:
         out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n")
         out.flush()
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
