@@ -24,29 +24,31 @@ gets no peak).
 Each row also puts the layer on a roofline: FLOPs = 2 × MACs; bytes = the minimum traffic
 (every input buffer read once — of the activation only the channels the convolution reads,
 half of them in a ShuffleNet V2 unit — and the output written once, fp32); arithmetic
-intensity AI = FLOPs / bytes; bound = min(peak, AI × bandwidth), with the CPU's peak from
-:func:`cpu_peak` and the bandwidth measured by :func:`measure_bandwidth`.
+intensity AI = FLOPs / bytes; bound = min(peak, AI × bandwidth), with the fp32 peak measured
+where the layers run by :func:`measure_peak` (a TVM kernel of register-resident FMA chains;
+:func:`cpu_peak`'s formula beside it) and the bandwidth measured by :func:`measure_bandwidth`.
 
 The package, one concern a module:
 
 * :mod:`.config` — :class:`StudyConfig` (the flags of ``tvmshuffle study``);
 * :mod:`.layers` — the distinct fused layers of the models and their analysis (kind, MACs,
   minimum bytes, epilogue), read from the lowered TIR;
-* :mod:`.hardware` — the CPU's fp32 peak (clock measured), the memory bandwidth, TVM's threads;
+* :mod:`.hardware` — the CPU's fp32 peak (measured; the formula's clock measured too), the memory
+  bandwidth, TVM's threads;
 * :mod:`.measure` — building and timing each layer × schedule here or on an RPC device, and
   :func:`run_study`;
 * :mod:`.report` — the results and their JSON, markdown table and roofline plot.
 """
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig
-from .hardware import Bandwidth, Peak, cpu_peak, host_clock_ghz, isa_of, measure_bandwidth, set_tvm_threads
+from .hardware import Bandwidth, Peak, cpu_peak, host_clock_ghz, isa_of, measure_bandwidth, measure_peak, set_tvm_threads
 from .layers import Layer, fused_layers, study_models
 from .measure import run_study, tune_layers, tuned_funcs
 from .report import Row, StudyReport, markdown, plot, to_json, write_outputs
 
 __all__ = [
     "SCHEDULES", "STUDY_RECORDS", "Bandwidth", "Layer", "Peak", "Row", "StudyConfig", "StudyReport",
-    "cpu_peak", "fused_layers", "host_clock_ghz", "isa_of", "markdown", "measure_bandwidth", "plot",
+    "cpu_peak", "fused_layers", "host_clock_ghz", "isa_of", "markdown", "measure_bandwidth", "measure_peak", "plot",
     "run_study", "set_tvm_threads", "study_models", "to_json", "tune_layers", "tuned_funcs",
     "write_outputs",
 ]

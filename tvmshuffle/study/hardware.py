@@ -1,5 +1,6 @@
-"""What the layers are measured against: the fp32 peak of the CPU (its clock measured), the
-memory bandwidth (a TVM streaming kernel), TVM's thread pool here."""
+"""What the layers are measured against: the fp32 peak of the CPU (a TVM FMA kernel; the
+formula cores × lanes × FMA units × clock as a cross-check), the memory bandwidth (a TVM
+streaming kernel), TVM's thread pool here."""
 
 from __future__ import annotations
 
@@ -61,16 +62,18 @@ def _cpu_flags() -> set[str]:  # noqa: D103
 
 _CLOCK_SOURCE = r"""
 #include <stdint.h>
-/* 8 dependent integer adds an iteration: 8 cycles an iteration on any out-of-order core */
+/* 8 dependent register-register adds an iteration (x doubles): 8 cycles an iteration on any
+   out-of-order core. Not "add $1": recent Intel cores fold chains of immediate adds at rename
+   (seen: 18 GHz "measured" on a Xeon that LLVM calls rocketlake). */
 uint64_t spin(uint64_t n) {
-  uint64_t x = 0;
+  uint64_t x = 1;
   for (uint64_t i = 0; i < n; i++) {
 #if defined(__x86_64__)
-    __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
-                     "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    __asm__ volatile("add %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\t"
+                     "add %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\tadd %0, %0" : "+r"(x));
 #elif defined(__aarch64__)
-    __asm__ volatile("add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
-                     "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1" : "+r"(x));
+    __asm__ volatile("add %0, %0, %0\n\tadd %0, %0, %0\n\tadd %0, %0, %0\n\tadd %0, %0, %0\n\t"
+                     "add %0, %0, %0\n\tadd %0, %0, %0\n\tadd %0, %0, %0\n\tadd %0, %0, %0" : "+r"(x));
 #else
 #error "no add chain for this ISA"
 #endif
@@ -186,6 +189,64 @@ def set_tvm_threads(threads: int, affinity: str | None = None) -> int:
     when the pool starts); later it can only shrink.
     """
     return configure_local_threads(ThreadConfig(threads, affinity))
+
+
+#: independent FMA chains of the peak kernel: enough to cover an FMA's latency on every pipe
+#: (4-5 cycles × 2 pipes) and few enough to stay in registers (AVX2 has 16, NEON 32)
+PEAK_CHAINS = 12
+
+
+def _fma_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CHAINS):
+    """``threads`` parallel iterations, each ``chains`` × ``lanes`` accumulators in registers
+    updated ``iterations`` times by ``acc = acc * x + 0.5`` (one FMA each; with ``x`` = 0.5 and
+    ``acc`` starting at 0 every output converges to exactly 1.0, a check that the loop ran)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def main(out: T.Buffer((threads, chains, lanes), "float32"), x: T.Buffer((1,), "float32")):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
+            for c in T.unroll(chains):
+                for v in T.vectorized(lanes):
+                    acc[c, v] = T.float32(0)
+            for _ in T.serial(iterations):
+                for c in T.unroll(chains):
+                    for v in T.vectorized(lanes):
+                        acc[c, v] = acc[c, v] * x[0] + T.float32(0.5)
+            for c in T.unroll(chains):
+                for v in T.vectorized(lanes):
+                    out[t, c, v] = acc[c, v]
+
+    return main
+
+
+def measure_peak(runner: _Runner, preset: targets.TargetPreset, threads: int,
+                 iterations: int = 2_000_000) -> Peak:
+    """fp32 peak where the layers run, measured: a TVM kernel of register-resident FMA chains
+    (:func:`_fma_kernel`) at the hand schedules' vector width, one chain set per thread,
+    parallel over ``threads``; best of 5 samples of 3 runs. It tells what the formula of
+    :func:`cpu_peak` cannot: how many FMA pipes the core really has at that width (Zen 1 splits
+    a 256-bit FMA over its two 128-bit pipes: half the formula), and the clock under load."""
+    import tvm
+
+    isa = isa_of(preset)
+    lib = tvm.tirx.build(_fma_kernel(threads, isa.lanes, iterations), targets.tvm_target(preset))
+    with runner.open():
+        module = runner.load(lib)
+        out = runner.tensor(np.zeros((threads, PEAK_CHAINS, isa.lanes), "float32"))
+        x = runner.tensor(np.array([0.5], "float32"))
+        runner.step("measuring the fp32 peak")
+        module["main"](out, x)
+        if not np.all(out.numpy() == 1.0):
+            return Peak(None, "peak kernel computed a wrong result; not measured")
+        results = module.time_evaluator("main", runner.device(), number=3, repeat=5)(out, x).results
+        out = x = module = None
+    best = min(results)
+    gflops = 2 * threads * PEAK_CHAINS * isa.lanes * iterations / best / 1e9
+    how = (f"measured: TVM kernel of {PEAK_CHAINS} register-resident {isa.lanes}-lane ({isa.name}) FMA chains "
+           f"per thread, {threads} threads, on {runner.where}: {gflops:.1f} GFLOP/s (best of 5 × 3 runs)")
+    return Peak(gflops, how)
 
 
 def _stream_kernel(n: int):

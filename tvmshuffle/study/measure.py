@@ -22,7 +22,7 @@ from ..tir_analysis import blocks, buffer_shape
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig, _bar, _preset
 from .layers import Layer, fused_layers
-from .hardware import Bandwidth, Peak, cpu_peak, measure_bandwidth, set_tvm_threads
+from .hardware import Bandwidth, Peak, cpu_peak, measure_bandwidth, measure_peak, set_tvm_threads
 from .report import Row, StudyReport
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,24 @@ def _fill_rates(row: Row, peak: Peak, bandwidth: Bandwidth) -> None:
         row.roofline_fraction = row.gflops / row.roofline_gflops
 
 
+def _peak(runner: _Runner, preset: targets.TargetPreset, config: StudyConfig, threads: int | None) -> Peak:
+    """The fp32 peak where the layers run: measured (:func:`measure_peak`) with the threads they
+    run with, the formula of :func:`cpu_peak` beside it as a cross-check; the formula alone when
+    the device's thread count is unknown (an RPC device without ``--threads``/``num-cores``)."""
+    if runner.emulated:
+        raise AssertionError("no peak for an emulated device")
+    if threads is None:  # an RPC device: the threads asked for, or its cores as far as known
+        threads = config.threads or preset.num_cores or (None if preset.is_cross else os.cpu_count())
+    formula = cpu_peak(preset, threads)
+    if threads is None:
+        return formula
+    measured = measure_peak(runner, preset, threads)
+    if measured.gflops is None:
+        return formula
+    measured.how += f"; the formula says {formula.how}" if formula.gflops else ""
+    return measured
+
+
 def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyReport:
     """Measure every layer (``layers``, else :func:`fused_layers` of ``config``) three ways."""
     preset = _preset(config)
@@ -383,12 +401,8 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
         if runner.emulated:
             peak = Peak(None, f"{config.rpc_key} is an emulated device (qemu on this host): its speed says "
                                 "nothing of an ARM core's, so no peak is given")
-        elif remote_run and not preset.is_cross:  # a device running this machine's kind of code
-            peak = cpu_peak(preset, config.threads or preset.num_cores or os.cpu_count() or 1)
-            peak.how += (f" (assumes device {config.rpc_key} is a CPU like this one, every core busy; "
-                         "its TVM may run fewer threads)")
         else:
-            peak = cpu_peak(preset, threads)
+            peak = _peak(runner, preset, config, threads)
         bandwidth = measure_bandwidth(runner, preset, config.bandwidth_mb)
         log.debug("peak: %s", peak.how)
         log.debug("bandwidth: %s", bandwidth.how)
