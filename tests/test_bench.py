@@ -138,11 +138,15 @@ def test_profile_kernels_sum_to_the_model(tmp_path):
     assert result.total_ms > 0 and result.kernels_ms == pytest.approx(sum(k.median_ms * k.kernel.calls
                                                                           for k in result.kernels))
     assert result.as_dict()["gap_ms"] == pytest.approx(result.total_ms - result.kernels_ms)
+    # every kernel also timed cold (caches flushed of all but its input before each call)
+    assert all(k.cold_ms > 0 for k in result.kernels)
+    assert result.as_dict()["kernels_cold_ms"] == pytest.approx(sum(k.cold_ms * k.kernel.calls for k in result.kernels))
     convs = [k for k in result.kernels if k.kernel.macs]
     assert convs and all(k.gflops > 0 for k in convs)
     text = profile.markdown(result)
     assert "GFLOP/s" in text and compiled.kernels + 4 == len(text.splitlines())
     assert f"gap {result.gap_ms:.3f} ms" in text.splitlines()[0]
+    assert f"the kernels sum to {result.kernels_cold_ms:.3f} ms" in text.splitlines()[0]
 
 
 def test_variants_are_timed_in_interleaved_rounds():

@@ -206,6 +206,8 @@ def test_profile_on_the_device(emu_device, tmp_path):
     assert "EMULATED" in result["where"]
     assert all(k["median_ms"] > 0 for k in result["kernels"])
     assert result["gap_ms"] == pytest.approx(result["total_ms"] - result["kernels_ms"])
+    # the cache flush before each cold call runs on the device too
+    assert all(k["cold_ms"] > 0 for k in result["kernels"]) and result["kernels_cold_ms"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,14 @@
 Each compiled kernel (PrimFunc) is timed alone with ``time_evaluator`` on arguments of its
 real shapes (random values; the kernels' run time does not depend on them), then reported
 with its MACs, achieved GFLOP/s (2 FLOPs a MAC) and share of the summed time.
+
+Each kernel is timed twice: *warm* (``number`` calls in a row: its weights and output stay in
+cache between calls) and *cold* (caches flushed of every argument but the first before each
+call, TVM's ``cache_flush_cpu_non_first_arg``: the input activation, just written by the kernel
+before it, stays warm). In the whole model a kernel runs cold — the model's weights do not fit
+in L2 — so the whole model minus the warm sum (the *gap*) splits into what the cold sum
+explains (memory traffic the kernel's schedule does not hide) and the rest (the VM's dispatch
+and allocations, thread-pool wake-ups).
 """
 
 from __future__ import annotations
@@ -17,12 +25,18 @@ from .kernels import Kernel
 @dataclass
 class KernelTime:
     kernel: Kernel
-    median_ms: float  # one call
+    median_ms: float  # one call, warm (``number`` calls in a row)
     share: float = 0.0  # of the summed time of all kernels (calls counted)
+    #: one call with caches flushed of every argument but the input (None: not timed cold)
+    cold_ms: float | None = None
 
     @property
     def total_ms(self) -> float:
         return self.median_ms * self.kernel.calls
+
+    @property
+    def cold_total_ms(self) -> float | None:
+        return None if self.cold_ms is None else self.cold_ms * self.kernel.calls
 
     @property
     def gflops(self) -> float:
@@ -30,7 +44,7 @@ class KernelTime:
 
     def as_dict(self) -> dict:
         return {**self.kernel.as_dict(), "median_ms": self.median_ms, "total_ms": self.total_ms,
-                "gflops": self.gflops, "share": self.share}
+                "gflops": self.gflops, "share": self.share, "cold_ms": self.cold_ms}
 
 
 def kernel_library(executable_or_module):
@@ -42,9 +56,15 @@ def kernel_library(executable_or_module):
     return mod.imports[0]
 
 
+#: TVM's ``time_evaluator`` pre-processing that evicts every argument but the first from the caches
+COLD = "cache_flush_cpu_non_first_arg"
+
+
 def time_kernels(library, kernels: list[Kernel], dev=None, number: int = 10, repeat: int = 5,
-                 seed: int = 0, on_kernel=None) -> list[KernelTime]:
-    """Time every kernel in ``library``; sorted slowest (by total time) first.
+                 seed: int = 0, on_kernel=None, cold: bool = True) -> list[KernelTime]:
+    """Time every kernel in ``library``, warm and (``cold``) with its weights and output flushed
+    from the caches before each call (one call a sample, ``repeat`` × ``number`` samples);
+    sorted slowest (by warm total time) first.
 
     ``on_kernel(what)`` is called before each kernel (a remote session bounds each step).
     """
@@ -60,7 +80,11 @@ def time_kernels(library, kernels: list[Kernel], dev=None, number: int = 10, rep
                 for s in kernel.inputs]
         args += [tvm.runtime.tensor(np.zeros(s, "float32"), dev) for s in kernel.outputs]
         timer = library.time_evaluator(kernel.name, dev, number=number, repeat=repeat)
-        rows.append(KernelTime(kernel, float(np.median(timer(*args).results)) * 1e3))
+        row = KernelTime(kernel, float(np.median(timer(*args).results)) * 1e3)
+        if cold:
+            timer = library.time_evaluator(kernel.name, dev, number=1, repeat=repeat * number, f_preproc=COLD)
+            row.cold_ms = float(np.median(timer(*args).results)) * 1e3
+        rows.append(row)
     total = sum(r.total_ms for r in rows) or 1.0
     for r in rows:
         r.share = r.total_ms / total
@@ -80,6 +104,12 @@ class Profile:
         return sum(k.total_ms for k in self.kernels)
 
     @property
+    def kernels_cold_ms(self) -> float | None:
+        """The kernels timed alone with cold caches, each × its calls (None: not timed cold)."""
+        cold = [k.cold_total_ms for k in self.kernels]
+        return None if not cold or None in cold else sum(cold)
+
+    @property
     def gap_ms(self) -> float:
         """What the whole model takes beyond its kernels timed alone: the VM's dispatch and
         allocations, thread-pool wake-ups, caches cold between kernels (negative: the kernels
@@ -88,7 +118,7 @@ class Profile:
 
     def as_dict(self) -> dict:
         return {"model": self.model, "where": self.where, "total_ms": self.total_ms,
-                "kernels_ms": self.kernels_ms, "gap_ms": self.gap_ms,
+                "kernels_ms": self.kernels_ms, "kernels_cold_ms": self.kernels_cold_ms, "gap_ms": self.gap_ms,
                 "kernels": [k.as_dict() for k in self.kernels]}
 
 
@@ -161,18 +191,26 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
 
 
 def markdown(profile: Profile) -> str:
+    head = (f"**{profile.model}** on {profile.where}: whole model {profile.total_ms:.3f} ms, "
+            f"kernels timed alone sum to {profile.kernels_ms:.3f} ms, gap {profile.gap_ms:.3f} ms "
+            f"({profile.gap_ms / profile.total_ms:.0%} of the model)")
+    cold = profile.kernels_cold_ms
+    if cold is not None:
+        head += (f". With cold caches (weights and output flushed before each call, as in the whole model) "
+                 f"the kernels sum to {cold:.3f} ms: memory traffic explains {cold - profile.kernels_ms:.3f} ms "
+                 f"of the gap, the VM's dispatch, allocations and thread wake-ups the other "
+                 f"{profile.total_ms - cold:.3f} ms")
     lines = [
-        f"**{profile.model}** on {profile.where}: whole model {profile.total_ms:.3f} ms, "
-        f"kernels timed alone sum to {profile.kernels_ms:.3f} ms, gap {profile.gap_ms:.3f} ms "
-        f"({profile.gap_ms / profile.total_ms:.0%} of the model: VM dispatch, allocation, thread wake-ups, "
-        "cold caches)",
+        head,
         "",
-        "| kernel | calls | output | MACs (M) | ms per call | ms total | GFLOP/s | share |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| kernel | calls | output | MACs (M) | ms per call | ms total | GFLOP/s | share | cold ms per call |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for k in profile.kernels:
+        cold_cell = "–" if k.cold_ms is None else f"{k.cold_ms:.4f}"
         lines.append(
             f"| {k.kernel.name} | {k.kernel.calls} | {' '.join(map(str, k.kernel.outputs))} | "
-            f"{k.kernel.macs / 1e6:.2f} | {k.median_ms:.4f} | {k.total_ms:.4f} | {k.gflops:.1f} | {k.share:.1%} |"
+            f"{k.kernel.macs / 1e6:.2f} | {k.median_ms:.4f} | {k.total_ms:.4f} | {k.gflops:.1f} | {k.share:.1%} "
+            f"| {cold_cell} |"
         )
     return "\n".join(lines)
