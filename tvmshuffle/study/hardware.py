@@ -196,14 +196,16 @@ def set_tvm_threads(threads: int, affinity: str | None = None) -> int:
 PEAK_CHAINS = 12
 
 
-def _fma_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CHAINS):
+def peak_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CHAINS):
     """``threads`` parallel iterations, each ``chains`` × ``lanes`` accumulators in registers
     updated ``iterations`` times by ``acc = acc * x + 0.5`` (one FMA each; with ``x`` = 0.5 and
-    ``acc`` starting at 0 every output converges to exactly 1.0, a check that the loop ran)."""
+    ``acc`` starting at 0 every output converges to exactly 1.0, a check that the loop ran).
+    ``x`` is a scalar argument, not a buffer: read from a buffer it is reloaded after every
+    store, and LLVM keeps the accumulators in memory (a store per FMA, a third of the peak)."""
     from tvm.script import tirx as T
 
     @T.prim_func
-    def main(out: T.Buffer((threads, chains, lanes), "float32"), x: T.Buffer((1,), "float32")):
+    def main(out: T.Buffer((threads, chains, lanes), "float32"), x: T.float32):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         for t in T.parallel(threads):
             acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
@@ -213,7 +215,7 @@ def _fma_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CH
             for _ in T.serial(iterations):
                 for c in T.unroll(chains):
                     for v in T.vectorized(lanes):
-                        acc[c, v] = acc[c, v] * x[0] + T.float32(0.5)
+                        acc[c, v] = acc[c, v] * x + T.float32(0.5)
             for c in T.unroll(chains):
                 for v in T.vectorized(lanes):
                     out[t, c, v] = acc[c, v]
@@ -224,24 +226,23 @@ def _fma_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CH
 def measure_peak(runner: _Runner, preset: targets.TargetPreset, threads: int,
                  iterations: int = 2_000_000) -> Peak:
     """fp32 peak where the layers run, measured: a TVM kernel of register-resident FMA chains
-    (:func:`_fma_kernel`) at the hand schedules' vector width, one chain set per thread,
+    (:func:`peak_kernel`) at the hand schedules' vector width, one chain set per thread,
     parallel over ``threads``; best of 5 samples of 3 runs. It tells what the formula of
     :func:`cpu_peak` cannot: how many FMA pipes the core really has at that width (Zen 1 splits
     a 256-bit FMA over its two 128-bit pipes: half the formula), and the clock under load."""
     import tvm
 
     isa = isa_of(preset)
-    lib = tvm.tirx.build(_fma_kernel(threads, isa.lanes, iterations), targets.tvm_target(preset))
+    lib = tvm.tirx.build(peak_kernel(threads, isa.lanes, iterations), targets.tvm_target(preset))
     with runner.open():
         module = runner.load(lib)
         out = runner.tensor(np.zeros((threads, PEAK_CHAINS, isa.lanes), "float32"))
-        x = runner.tensor(np.array([0.5], "float32"))
         runner.step("measuring the fp32 peak")
-        module["main"](out, x)
+        module["main"](out, 0.5)
         if not np.all(out.numpy() == 1.0):
             return Peak(None, "peak kernel computed a wrong result; not measured")
-        results = module.time_evaluator("main", runner.device(), number=3, repeat=5)(out, x).results
-        out = x = module = None
+        results = module.time_evaluator("main", runner.device(), number=3, repeat=5)(out, 0.5).results
+        out = module = None
     best = min(results)
     gflops = 2 * threads * PEAK_CHAINS * isa.lanes * iterations / best / 1e9
     how = (f"measured: TVM kernel of {PEAK_CHAINS} register-resident {isa.lanes}-lane ({isa.name}) FMA chains "
