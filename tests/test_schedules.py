@@ -249,6 +249,50 @@ def test_a_default_compile_has_hand_schedules_and_matches_pytorch(model, tmp_pat
     assert "-> OK" in proc.stdout, proc.stdout  # the check against PyTorch passed
 
 
+def _off_zoo_v1(path: Path) -> Path:
+    """A ShuffleNet V1 (3 groups) at 1.25x width — 300/600/1200 channels, no zoo model has
+    them — with two units a stage, saved as a ``.pt2`` for a 160x160 input: planes of 20x20,
+    10x10 and 5x5 pixels, which no zoo model has either."""
+    import torch
+    from torch import nn
+
+    from tvmshuffle.models.shufflenet_v1 import ShuffleUnitV1
+
+    torch.manual_seed(0)
+    units, c_in = [], 24
+    for c in (300, 600, 1200):
+        units += [ShuffleUnitV1(c_in, c, 2, 3, 1 if c_in == 24 else 3), ShuffleUnitV1(c, c, 1, 3, 3)]
+        c_in = c
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.MaxPool2d(3, stride=2, padding=1), *units, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(c_in, 1000))
+    for module in model.modules():  # BN statistics that are not the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 160, 160),)), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_model_with_shapes_no_zoo_model_has_gets_hand_schedules_and_matches_pytorch(tmp_path):
+    model = _off_zoo_v1(tmp_path / "v1_g3_1.25x.pt2")
+    library = tmp_path / "model.so"
+    proc = _cli("compile", str(model), "--input-shape", "1,3,160,160", "-o", str(library))
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(Path(str(library) + ".json").read_text())
+    fused = sum(k["fused_shuffle_conv"] for k in meta["kernels"])
+    hand = int(re.search(r"(\d+) with hand schedules", proc.stdout).group(1))
+    assert fused > 0 and hand > fused, proc.stdout  # the fused kernels and the plain convs around them
+    x = np.random.default_rng(0).standard_normal((1, 3, 160, 160)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = _cli("run", str(library), "--input", str(tmp_path / "x.npy"))  # checks against PyTorch
+    assert proc.returncode == 0, proc.stderr
+    assert "-> OK" in proc.stdout, proc.stdout
+
+
 def test_schedules_none_is_tvm_alone():
     """``--schedules none``: no kernel hand-scheduled, the module as TVM lowers it."""
     from conftest import SMALL, zoo_import
