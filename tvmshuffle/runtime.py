@@ -176,11 +176,19 @@ def run(vm, x: np.ndarray, repeat: int = 0, number: int = 1) -> RunResult:
         msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise UserError(f"--input: the library rejects an input of shape {x.shape}: {msg[-1] if msg else err}") from err
     output = _to_numpy(out)
-    times: list[float] = []
-    if repeat > 0:
-        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
-        times = [t * 1e3 for t in timer(data).results]
+    times = time_main(vm, data, repeat, number) if repeat > 0 else []
     return RunResult(output, times)
+
+
+def time_main(vm, x, repeat: int, number: int = 1) -> list[float]:
+    """Per-repeat mean latency (ms) of ``main(x)`` (``x``: an array or a tensor on the CPU),
+    by the VM's time evaluator."""
+    import tvm
+
+    dev = tvm.cpu()
+    data = x if hasattr(x, "numpy") else tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), dev)
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return [t * 1e3 for t in timer(data).results]
 
 
 def _to_numpy(out) -> np.ndarray:
