@@ -44,8 +44,7 @@ class LocalDevice:
 
     ``threads`` (``--threads``/``--affinity``) configures TVM's pool in this process as the
     block starts (:func:`tvmshuffle.runtime.configure_local_threads`); nothing asked, the pool
-    is left as it is. The same configuration again (e.g. a device opened per layer) is logged
-    at debug level only.
+    is left as it is.
     """
 
     #: the code runs in this process: modules outlive the block, a library's kernels can be
@@ -58,18 +57,13 @@ class LocalDevice:
     label = "this CPU"
     latency_label = "latency on this CPU"
 
-    _applied: ThreadConfig | None = None  # the last configuration applied in this process
-
     def __init__(self, threads: ThreadConfig | None = None) -> None:
         self.thread_config = threads or ThreadConfig()
         self.threads: int | None = None
-        self._x = None
+        self._data = None
 
     def __enter__(self) -> LocalDevice:
-        again = self.thread_config == LocalDevice._applied
-        self.threads = runtime.configure_local_threads(self.thread_config, quiet=again)
-        if self.thread_config.requested:
-            LocalDevice._applied = self.thread_config
+        self.threads = runtime.configure_local_threads(self.thread_config)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,12 +123,13 @@ class LocalDevice:
 
     def run(self, vm, x: np.ndarray) -> np.ndarray:
         """``main(x)`` here (:func:`tvmshuffle.runtime.run`); ``x`` is what :meth:`time` times."""
-        self._x = x
-        return runtime.run(vm, x).output
+        output = runtime.run(vm, x).output
+        self._data = self.tensor(x)
+        return output
 
     def time(self, vm, repeat: int, number: int = 1) -> list[float]:
         """Per-repeat mean latency (ms) of ``main`` on the input of the last :meth:`run`."""
-        return runtime.time_main(vm, self._x, repeat, number)
+        return runtime.time_main(vm, self._data, repeat, number)
 
 
 def open_device(tracker: str | None = None, key: str | None = None, rpc_timeout: float | None = None,

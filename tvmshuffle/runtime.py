@@ -82,16 +82,23 @@ def configure_threads(get_global: Callable[[str], Callable], config: ThreadConfi
     return used
 
 
+_applied_here: ThreadConfig | None = None  # the last configuration of this process's pool
+
+
 def configure_local_threads(config: ThreadConfig, quiet: bool = False) -> int | None:
     """:func:`configure_threads` for this process (``TVM_NUM_THREADS`` set first, so a pool not
-    started yet gets the workers asked for)."""
+    started yet gets the workers asked for). The configuration applied last time again (a
+    device opened per variant or per layer) is logged at debug level only."""
+    global _applied_here
     if not config.requested:
         return None
     import tvm
 
     if config.threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(config.threads)
-    return configure_threads(tvm.get_global_func, config, quiet=quiet)
+    used = configure_threads(tvm.get_global_func, config, quiet=quiet or config == _applied_here)
+    _applied_here = config
+    return used
 
 
 @dataclass
