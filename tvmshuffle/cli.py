@@ -198,33 +198,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    import tempfile
-
-    from . import pipeline, profile
+    from . import pipeline, profile, targets
+    from .devices import check_device, open_device
     from .frontend import parse_input_shape
 
-    from .remote import check_rpc_args
-
-    check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
+    check_device(targets.resolve(args.target), args.rpc_tracker, args.rpc_key, args.rpc_timeout)
     threads = _threads(args)
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         schedules=args.schedules, force_records=args.force_records)
-    model = args.model
-    if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
-        model, config = pipeline.compiled_from(Path(model))
-    if args.rpc_tracker:
-        result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat,
-                                           rpc_timeout=args.rpc_timeout, threads=threads)
-    elif model.endswith(".so"):
-        result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat, threads=threads)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
-            result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat,
-                                             threads=threads)
-            result.model = compiled.model.name
+    device = open_device(args.rpc_tracker, args.rpc_key, args.rpc_timeout, threads)
+    result = profile.profile(args.model, config, device, args.number, args.repeat)
     print(json.dumps(result.as_dict(), indent=2) if args.json else profile.markdown(result))
     return 0
 
