@@ -155,12 +155,16 @@ def open_device(tracker: str | None = None, key: str | None = None, rpc_timeout:
     return LocalDevice(threads)
 
 
-def check_device(preset, tracker: str | None, key: str | None, rpc_timeout: float | None = None) -> None:
+def check_device(preset, tracker: str | None, key: str | None, rpc_timeout: float | None = None,
+                 wait: bool = False) -> None:
     """The flags that say where the code runs, checked before anything slow: ``--rpc-tracker``
     and ``--rpc-key`` together, ``--rpc-timeout`` > 0, and a device behind a tracker for code
-    that cannot run on this machine (a cross target)."""
+    that cannot run on this machine (a cross target). ``wait``: also that the tracker answers
+    and has a free device ``key`` (:func:`tvmshuffle.remote.check_rpc` waits for one)."""
     from . import remote
 
     remote.check_rpc_args(tracker, key, remote.DEFAULT_RPC_TIMEOUT if rpc_timeout is None else rpc_timeout)
     if preset is not None and preset.is_cross and not tracker:
         raise UserError(f"--target {preset.name}: code for it cannot run here; give --rpc-tracker and --rpc-key")
+    if wait and tracker:
+        remote.check_rpc(tracker, key)

@@ -17,6 +17,7 @@ nothing about the speed of a real ARM core and must never be reported as ARM lat
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import socket
 import struct
@@ -337,6 +338,8 @@ def check_rpc_args(tracker: str | None, key: str | None, timeout: float = DEFAUL
 
 # --------------------------------------------------------------------------- sessions
 
+_exported = itertools.count(1)  # numbers the libraries :meth:`Session.load_built` uploads
+
 
 class Session:
     """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`):
@@ -367,7 +370,6 @@ class Session:
         self._fds: set[int] = set()
         self._run_s = 0.0
         self._exports = None  # a temporary directory for :meth:`load_built`
-        self._count = 0
 
     @property
     def emulated(self) -> bool:
@@ -464,8 +466,7 @@ class Session:
 
         if self._exports is None:
             self._exports = tempfile.TemporaryDirectory(prefix="tvmshuffle-session-")
-        self._count += 1
-        path = Path(self._exports.name) / f"{name}_{self._count}.so"
+        path = Path(self._exports.name) / f"{name}_{next(_exported)}.so"
         targets.export_library(built, preset, path)
         return self.load_module(path)
 
