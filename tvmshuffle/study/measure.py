@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from .. import schedules, targets, tuning
 from ..devices import open_device
 from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
-from ..errors import UserError, last_line
+from ..errors import UserError, last_line, quiet_logger
 from ..remote import DeviceTimeout
 from ..runtime import ThreadConfig, check
 from ..tir_analysis import blocks, buffer_shape
@@ -125,16 +123,6 @@ def tuned_funcs(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
     return found, notes
 
 
-@contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Path, config: StudyConfig):
     """Give every layer ``trials_per_layer`` trials in ``study_dir`` (resumable: the trials
     already there count; layers that have them all are not tuned again)."""
@@ -144,7 +132,7 @@ def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
                **config.tune_options}
     todo = list(range(len(layers)))
     if (study_dir / WORKLOAD_FILE).is_file():  # count what is there (a zero budget tunes nothing)
-        with _quiet(tuning.log):
+        with quiet_logger(tuning.log):
             counted = tuning.tune(_layers_module(layers), preset, tuning.TuneConfig(trials=0, **options))
         counts = {t.name: t.trials for t in counted.tasks}
         if any(_gv(i) in counts for i in todo):
