@@ -348,13 +348,10 @@ def markdown(report: BenchReport) -> str:
 
 
 def plot(report: BenchReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save_figure
 
     rows = [r for r in report.rows if r.median_ms is not None]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    fig, ax = new_figure((8, 0.6 * len(rows) + 1.5))
     names = [r.variant for r in rows]
     medians = [r.median_ms for r in rows]
     errors = [[r.median_ms - r.p10_ms for r in rows], [r.p90_ms - r.median_ms for r in rows]]
@@ -367,9 +364,4 @@ def plot(report: BenchReport, path: Path) -> Path:
     ax.set_xlabel("latency, ms (median; bars p10–p90)")
     ax.set_title(f"{report.model} on {report.target} ({report.cpu}), {report.threads} threads", fontsize=9)
     ax.set_xlim(0, max(medians) * 1.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
