@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from tvmshuffle import study, targets
+from tvmshuffle import devices, study, targets
 from tvmshuffle.study import hardware, measure
 from tvmshuffle.errors import UserError
+from tvmshuffle.runtime import ThreadConfig
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
 pytestmark = pytest.mark.xdist_group("study")
@@ -117,10 +118,10 @@ def test_a_wrong_schedule_is_reported_not_timed(two_kinds, tmp_path):
     zeros = te.compute(layer.outputs[0], lambda *i: te.const(0.0, "float32"), name="zeros")
     wrong = te.create_prim_func([*args, zeros])
     preset = targets.resolve("host")
-    runner = measure._LocalRunner(preset, small_config(), tmp_path, 1)
     variants = {"default": (layer.func, "", "missing"), "hand": (wrong, "", "missing"),
                 "tuned": (None, "no records", "missing")}
-    rows = {r.schedule: r for r in measure._measure_layer(layer, variants, runner, preset, small_config(), 0)}
+    with devices.open_device(None, threads=ThreadConfig(1)) as device:
+        rows = {r.schedule: r for r in measure._measure_layer(layer, variants, device, preset, small_config(), 0)}
     assert rows["default"].status == "ok" and rows["default"].ms > 0
     assert rows["hand"].status.startswith("wrong") and rows["hand"].ms is None
     assert rows["tuned"].status == "missing" and rows["tuned"].note == "no records"

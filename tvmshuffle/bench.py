@@ -15,6 +15,7 @@ rows say "host only".
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import frontend, pipeline, remote, targets
+from . import devices, frontend, pipeline, targets
 from .records import WORKLOAD_FILE, records_dir_for, records_key
 from ._shipped import display
 from .errors import UserError
@@ -177,17 +178,14 @@ def _one_run(fn: Callable[[], object]) -> Callable[[], float]:
     return sample
 
 
-def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> BenchReport:
+def bench(model: str, config: BenchConfig) -> BenchReport:
     """Measure every variant of ``model``; see the module docstring."""
     if config.repeat < 1 or config.warmup < 0:
         raise UserError("--repeat must be >= 1 (and warm-up >= 0)")
     if config.rounds < 1:
         raise UserError("--rounds must be >= 1")
-    remote.check_rpc_args(config.rpc_tracker, config.rpc_key, config.rpc_timeout)
     preset = targets.resolve(config.target)
-    remote_run = config.rpc_tracker is not None
-    if preset.is_cross and not remote_run:
-        raise UserError(f"--target {preset.name}: code for it cannot run here; give --rpc-tracker and --rpc-key")
+    devices.check_device(preset, config.rpc_tracker, config.rpc_key, config.rpc_timeout)
     runtime.ThreadConfig(config.threads, config.affinity)  # --threads >= 1, --affinity known
     threads = config.threads or os.cpu_count() or 1
     set_threads(threads, config.affinity)
@@ -203,12 +201,14 @@ def bench(model: str, config: BenchConfig, work_dir: Path | None = None) -> Benc
         if sample is not None:
             pending.append((row, sample))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(work_dir or tmp)
-        for variant, (fused, tuned, source) in TVM_VARIANTS.items():
-            add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work, source))
-    add(*_bench_pytorch(imported, x, expected, config))
-    add(*_bench_onnxruntime(imported, model, x, expected, config, threads))
+    # where the TVM variants run: this CPU (all its cores unless --threads) or the device
+    device = functools.partial(devices.open_device, config.rpc_tracker, config.rpc_key, config.rpc_timeout,
+                               runtime.ThreadConfig(config.threads, config.affinity), here_threads=threads)
+    for variant, (fused, tuned, source) in TVM_VARIANTS.items():
+        add(*_bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, device, source))
+    here = "this CPU" if device().is_here else "host only"
+    add(*_bench_pytorch(imported, x, expected, config, here))
+    add(*_bench_onnxruntime(imported, model, x, expected, config, threads, here))
     log.info("timing %d variants, %d runs each in interleaved rounds", len(pending), config.repeat)
     time_interleaved(pending, config.warmup, config.repeat, rounds=config.rounds)
     _ratios(rows)
@@ -231,13 +231,11 @@ def tuned_note(tuned_kernels: int, records: Path) -> str:
     return f"{tuned_kernels} kernels tuned ({display(records)})"
 
 
-def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, work,
+def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, config, device,
                source="hand") -> tuple[Row, Callable[[], float] | None]:
-    """The variant's row (with a note when it cannot run) and, if it is right, one timed run
-    (None over RPC: the device times its runs itself and the row is complete)."""
-    import tvm
-
-    remote_run = config.rpc_tracker is not None
+    """The variant's row (with a note when it cannot run) and, if it is right, one timed run to
+    interleave with the others'; None when the device is elsewhere: it times its runs itself,
+    in its session, and the row is complete. ``device()`` opens the device (one session a variant)."""
     row = Row(variant, "this CPU")
     records = None
     if tuned:
@@ -256,24 +254,20 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     if source != "none":
         notes.append(f"{hand_kernels} with hand schedules")
     row.note = ", ".join(notes)
-    if remote_run:
-        lib = pipeline.export(executable, preset, work / f"{variant}.so")
-        result = remote.run_remote(lib, x, tracker=config.rpc_tracker, key=config.rpc_key,
-                                   repeat=config.repeat, number=1, timeout=config.rpc_timeout,
-                                   threads=runtime.ThreadConfig(config.threads, config.affinity))
-        row.where = result.latency_label + (f", {result.threads} threads" if result.threads else "")
-        return measure(row, lambda: result.output, lambda: result.times_ms, expected, config.tolerance), None
-    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
-    data = tvm.runtime.tensor(x, tvm.cpu())
-
-    if not check_row(row, lambda: runtime.run(vm, x).output, expected, config.tolerance):
-        return row, None
-    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1)
-    return row, lambda: timer(data).results[0] * 1e3
+    with device() as dev:
+        vm = dev.vm(dev.load_built(executable, preset, variant), variant)
+        if not check_row(row, lambda: dev.run(vm, x), expected, config.tolerance):
+            return row, None
+        if not dev.is_here:  # the module lives as long as the session: timed now, on the device
+            row.where = dev.latency_label + dev.threads_note
+            set_samples(row, dev.time(vm, config.repeat, 1))
+            vm = None
+            return row, None
+    return row, lambda: dev.time(vm, 1, 1)[0]
 
 
-def _bench_pytorch(imported, x, expected, config) -> tuple[Row, Callable[[], float] | None]:
-    row = Row("pytorch", "host only" if config.rpc_tracker else "this CPU")
+def _bench_pytorch(imported, x, expected, config, here="this CPU") -> tuple[Row, Callable[[], float] | None]:
+    row = Row("pytorch", here)
     module = imported.torch_module
     if module is None:
         row.note = "an .onnx model has no PyTorch module"
@@ -289,10 +283,11 @@ def _bench_pytorch(imported, x, expected, config) -> tuple[Row, Callable[[], flo
     return row, (_one_run(run) if check_row(row, run, expected, config.tolerance) else None)
 
 
-def _bench_onnxruntime(imported, model, x, expected, config, threads) -> tuple[Row, Callable[[], float] | None]:
+def _bench_onnxruntime(imported, model, x, expected, config, threads,
+                       here="this CPU") -> tuple[Row, Callable[[], float] | None]:
     import onnxruntime as ort
 
-    row = Row("onnxruntime", "host only" if config.rpc_tracker else "this CPU")
+    row = Row("onnxruntime", here)
     with tempfile.TemporaryDirectory() as tmp:
         if imported.source == "onnx":
             path = model
@@ -353,13 +348,10 @@ def markdown(report: BenchReport) -> str:
 
 
 def plot(report: BenchReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save_figure
 
     rows = [r for r in report.rows if r.median_ms is not None]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    fig, ax = new_figure((8, 0.6 * len(rows) + 1.5))
     names = [r.variant for r in rows]
     medians = [r.median_ms for r in rows]
     errors = [[r.median_ms - r.p10_ms for r in rows], [r.p90_ms - r.median_ms for r in rows]]
@@ -372,9 +364,4 @@ def plot(report: BenchReport, path: Path) -> Path:
     ax.set_xlabel("latency, ms (median; bars p10–p90)")
     ax.set_title(f"{report.model} on {report.target} ({report.cpu}), {report.threads} threads", fontsize=9)
     ax.set_xlim(0, max(medians) * 1.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

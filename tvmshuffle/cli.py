@@ -75,14 +75,13 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from . import frontend, pipeline, runtime
+    from .devices import check_device, open_device
 
     if args.repeat < 0 or args.number < 1:
         raise UserError("--repeat must be >= 0 and --number >= 1")
     if args.output:
         writable_output(args.output, "--output")  # before running, not after
-    from .remote import check_rpc_args
-
-    check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
+    check_device(None, args.rpc_tracker, args.rpc_key, args.rpc_timeout)
     threads = _threads(args)
     if args.print_top is not None and args.print_top < 1:
         raise UserError(f"--print-top must be >= 1, got {args.print_top}")
@@ -100,20 +99,12 @@ def cmd_run(args) -> int:
     else:
         x = runtime.load_input(args.input)
     repeat = args.repeat or (10 if args.print_time else 0)
-    if args.rpc_tracker:
-        from . import remote
-
-        result = remote.run_remote(args.library, x, tracker=args.rpc_tracker, key=args.rpc_key,
-                                   repeat=repeat, number=args.number, timeout=args.rpc_timeout, threads=threads)
-        where = result.latency_label
-    else:
-        used = runtime.configure_local_threads(threads)
-        result = runtime.run(runtime.load_library(args.library), x, repeat=repeat, number=args.number)
-        result.threads = used
-        where = "latency on this CPU"
-    if result.threads:
-        where += f", {result.threads} threads"
-    y = result.output
+    with open_device(args.rpc_tracker, args.rpc_key, args.rpc_timeout, threads) as device:
+        vm = device.load_vm(args.library)
+        y = device.run(vm, x)
+        times_ms = device.time(vm, repeat, args.number) if repeat > 0 else []
+        vm = None
+    where = device.latency_label + device.threads_note
     summary = f"output {y.dtype}{list(y.shape)}: mean {y.mean():.6g}, std {y.std():.6g}"
     if args.print_top is None:
         print(f"{summary}, top-5 {[c for _, c, _ in runtime.top_classes(y, 5)]}")
@@ -123,8 +114,8 @@ def cmd_run(args) -> int:
         print(f"{summary}; top {len(top)}{image} (rank class score):")
         for rank, cls, score in top:
             print(f"{rank:4d} {cls:6d} {score:12.6g}")
-    if result.times_ms:
-        t = np.array(result.times_ms)
+    if times_ms:
+        t = np.array(times_ms)
         print(f"{where}: median {np.median(t):.3f} ms, p10 {np.percentile(t, 10):.3f}, "
               f"p90 {np.percentile(t, 90):.3f} ms over {len(t)} x {args.number} runs")
     if args.output:
@@ -207,33 +198,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    import tempfile
-
-    from . import pipeline, profile
+    from . import pipeline, profile, targets
+    from .devices import check_device, open_device
     from .frontend import parse_input_shape
 
-    from .remote import check_rpc_args
-
-    check_rpc_args(args.rpc_tracker, args.rpc_key, args.rpc_timeout)
+    check_device(targets.resolve(args.target), args.rpc_tracker, args.rpc_key, args.rpc_timeout)
     threads = _threads(args)
     config = pipeline.CompileConfig(
         target=args.target, fuse=not args.no_fuse, input_shape=parse_input_shape(args.input_shape),
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         schedules=args.schedules, force_records=args.force_records)
-    model = args.model
-    if model.endswith(".so") and args.rpc_tracker:  # rebuild what the library was compiled from
-        model, config = pipeline.compiled_from(Path(model))
-    if args.rpc_tracker:
-        result = profile.profile_on_device(model, config, args.rpc_tracker, args.rpc_key, args.number, args.repeat,
-                                           rpc_timeout=args.rpc_timeout, threads=threads)
-    elif model.endswith(".so"):
-        result = profile.profile_library(Path(model), number=args.number, repeat=args.repeat, threads=threads)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
-            result = profile.profile_library(compiled.output, number=args.number, repeat=args.repeat,
-                                             threads=threads)
-            result.model = compiled.model.name
+    device = open_device(args.rpc_tracker, args.rpc_key, args.rpc_timeout, threads)
+    result = profile.profile(args.model, config, device, args.number, args.repeat)
     print(json.dumps(result.as_dict(), indent=2) if args.json else profile.markdown(result))
     return 0
 

@@ -1,9 +1,12 @@
 """The one exception type that reaches users as a one-line message (exit code 2), the check of
 output paths (:func:`writable_output`) that turns OS errors into it, and the one line of another
-exception that such a message quotes (:func:`first_line`, :func:`message_line`, :func:`last_line`)."""
+exception that such a message quotes (:func:`first_line`, :func:`message_line`, :func:`last_line`),
+and :func:`quiet_logger`, which keeps a library's own messages from the user's screen."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -62,3 +65,15 @@ def last_line(err: BaseException) -> str:
     wrong); the exception's type if it says nothing."""
     lines = _lines(err)
     return lines[-1] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def quiet_logger(logger: str | logging.Logger, level: int = logging.WARNING):
+    """Within the block, ``logger`` (a name or a logger) says only what is ``level`` or worse."""
+    lg = logging.getLogger(logger) if isinstance(logger, str) else logger
+    previous = lg.level
+    lg.setLevel(level)
+    try:
+        yield
+    finally:
+        lg.setLevel(previous)

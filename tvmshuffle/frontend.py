@@ -7,7 +7,6 @@ host reference (PyTorch or ONNX Runtime) that tests and ``bench`` compare agains
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import zipfile
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UserError, message_line
+from .errors import UserError, message_line, quiet_logger
 
 if TYPE_CHECKING:
     from tvm import IRModule
@@ -143,7 +142,7 @@ def _load_pt2(path: str, input_shape) -> ImportedModel:
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a torch.export archive (a .pt2 is a zip file; this one is not)")
     try:
-        with _quiet("torch.export"):
+        with quiet_logger("torch.export", logging.CRITICAL):  # torch logs whole tracebacks on its way to raising
             exported = torch.export.load(path)
     except (zipfile.BadZipFile, RuntimeError, KeyError, ValueError, EOFError) as err:
         raise UserError(f"{path}: not a readable torch.export archive ({message_line(err)})") from err
@@ -260,18 +259,6 @@ def fold_batch_norm(mod):
         ]
     )
     return seq(mod)
-
-
-@contextlib.contextmanager
-def _quiet(logger: str):
-    """Silence a library's logger (torch logs whole tracebacks on its way to raising)."""
-    lg = logging.getLogger(logger)
-    level = lg.level
-    lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
 
 
 def _check_file(path: str) -> None:

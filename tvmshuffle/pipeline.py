@@ -65,6 +65,8 @@ class CompileResult:
     model: frontend.ImportedModel
     #: ``--dump-code`` kind → the file written
     dumps: dict[str, Path] = field(default_factory=dict)
+    #: the VM executable the library was exported from (e.g. to export its kernels alone)
+    executable: object = None
 
 
 def lower_passes(fuse: bool = True) -> list:
@@ -373,4 +375,4 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     dumps = dump_code(mod, executable, path, config.dump_code, preset) if config.dump_code else {}
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
-    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported, dumps)
+    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported, dumps, executable)

@@ -133,61 +133,81 @@ def _kernels_of(path) -> list[Kernel]:
     return [Kernel(**k) for k in meta["kernels"]]
 
 
-def profile_on_device(model: str, config, tracker: str, key: str, number: int = 10, repeat: int = 5,
-                      rpc_timeout: float | None = None, threads=None) -> Profile:
-    """Per-kernel times on the device ``key`` behind ``tracker`` (emulated devices: labelled).
+def profile(model: str, config, device, number: int = 10, repeat: int = 5) -> Profile:
+    """Per-kernel times of ``model`` on ``device`` (:func:`tvmshuffle.devices.open_device`, not
+    yet entered): a model by name or file, compiled with ``config`` (a
+    :class:`~tvmshuffle.pipeline.CompileConfig`), or a ``.so`` from ``tvmshuffle compile``.
 
-    ``model`` is compiled with ``config`` (a :class:`~tvmshuffle.pipeline.CompileConfig` for the
-    device's target). Over RPC the time evaluator finds only functions at a module's root, so
-    the kernels are also exported alone, as a second library, and timed from that one. Every
-    remote step is bounded by ``rpc_timeout`` (:class:`~tvmshuffle.remote.Session`);
-    ``threads`` (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures the device's pool first.
+    A ``.so`` is profiled as it is on this CPU (:func:`profile_library`). A device elsewhere gets
+    it rebuilt from its ``model.so.json`` (:func:`tvmshuffle.pipeline.compiled_from`): TVM's
+    remote time evaluator finds only a module's root functions, so the kernels are exported
+    alone, from the build (:func:`profile_model`).
+    """
+    from pathlib import Path
+
+    from . import pipeline
+
+    if str(model).endswith(".so"):
+        if device.is_here:
+            return profile_library(Path(model), number=number, repeat=repeat, device=device)
+        model, config = pipeline.compiled_from(Path(model))
+    return profile_model(model, config, device, number, repeat)
+
+
+def profile_model(model: str, config, device, number: int = 10, repeat: int = 5) -> Profile:
+    """Per-kernel times of ``model``, compiled with ``config`` for ``device``'s target, on
+    ``device`` (this CPU or one behind a tracker; emulated devices: labelled).
+
+    The model is compiled as ``tvmshuffle compile`` does, and its kernels are also exported
+    alone, as a second library, and timed from that one (over RPC the time evaluator finds
+    only functions at a module's root). On a device every step is bounded by its
+    ``--rpc-timeout`` (:class:`~tvmshuffle.remote.Session`), its pool configured as it starts.
     """
     import tempfile
     from pathlib import Path
 
-    from . import frontend, kernels, pipeline, remote, targets
+    from . import pipeline, targets
 
-    preset = targets.resolve(config.target, config.cross_compiler)
-    imported = frontend.load(model, config.input_shape, config.weights)
-    mod = pipeline.lower(imported.mod, preset, fuse=config.fuse)
-    mod, _, _ = pipeline.schedule(mod, preset, config.tuning_records, config.schedules, config.force_records)
-    executable = pipeline.codegen(mod, preset)
-    kernels_list = kernels.list_kernels(mod)
-    with tempfile.TemporaryDirectory() as tmp, \
-            remote.Session(tracker, key, rpc_timeout or remote.DEFAULT_RPC_TIMEOUT, threads=threads) as session:
-        full = pipeline.export(executable, preset, Path(tmp) / "model.so")
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
         only_kernels = Path(tmp) / "kernels.so"
-        targets.export_library(kernel_library(executable), preset, only_kernels)
-        vm = session.load_vm(full)
-        library = session.load_module(only_kernels)
-        rows = time_kernels(library, kernels_list, session.cpu(), number=number, repeat=repeat, on_kernel=session.step)
-        session.run(vm, imported.random_input())
-        total = float(np.median(session.time(vm, repeat, number)))
-        vm = library = None
-    where = key + (f", {session.threads} threads" if session.threads else "")
-    where += " (EMULATED under qemu on this host: not ARM timings)" if session.emulated else ""
-    return Profile(imported.name, where, total, rows)
+        targets.export_library(kernel_library(compiled.executable), compiled.target, only_kernels)
+        kernels_list = _kernels_of(compiled.output)
+        with device:
+            vm = device.load_vm(compiled.output)
+            library = device.load_module(only_kernels)
+            rows = time_kernels(library, kernels_list, device.cpu(), number=number, repeat=repeat,
+                                on_kernel=device.step)
+            device.run(vm, compiled.model.random_input())
+            total = float(np.median(device.time(vm, repeat, number)))
+            vm = library = None
+    return Profile(compiled.model.name, _where(device), total, rows)
+
+
+def _where(device) -> str:
+    emulated = " (EMULATED under qemu on this host: not ARM timings)" if device.emulated else ""
+    return device.name + device.threads_note + emulated
 
 
 def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5,
-                    threads=None) -> Profile:
-    """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``); ``threads``
-    (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures TVM's pool here first."""
-    import tvm
-
-    from . import runtime
+                    threads=None, device=None) -> Profile:
+    """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``) on this CPU:
+    ``device`` (a :class:`~tvmshuffle.devices.LocalDevice`, not yet entered), else one whose pool
+    ``threads`` (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures."""
+    from .devices import LocalDevice
     from .frontend import DEFAULT_INPUT_SHAPE
 
-    used = runtime.configure_local_threads(threads) if threads is not None else None
+    device = device or LocalDevice(threads)
     kernels_list = kernels_list or _kernels_of(path)
-    vm = runtime.load_library(path)
-    lib = tvm.runtime.load_module(str(path))
-    rows = time_kernels(kernel_library(lib), kernels_list, number=number, repeat=repeat)
-    shape = kernels_list[0].inputs[0] if kernels_list else list(DEFAULT_INPUT_SHAPE)
-    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    total = runtime.run(vm, x, repeat=repeat, number=number).median_ms
-    return Profile(str(path), "this CPU" + (f", {used} threads" if used else ""), total, rows)
+    with device:
+        vm = device.load_vm(path)
+        lib = device.load_module(path)
+        rows = time_kernels(kernel_library(lib), kernels_list, device.cpu(), number=number, repeat=repeat,
+                            on_kernel=device.step)
+        shape = kernels_list[0].inputs[0] if kernels_list else list(DEFAULT_INPUT_SHAPE)
+        device.run(vm, np.random.default_rng(0).standard_normal(shape).astype("float32"))
+        total = float(np.median(device.time(vm, repeat, number)))
+    return Profile(str(path), _where(device), total, rows)
 
 
 def markdown(profile: Profile) -> str:

@@ -17,6 +17,7 @@ nothing about the speed of a real ARM core and must never be reported as ARM lat
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import socket
 import struct
@@ -49,9 +50,14 @@ class RemoteRunResult(RunResult):
     @property
     def latency_label(self) -> str:
         """How to name ``times_ms`` in a report."""
-        if self.emulated:
-            return f"emulated latency on {self.key} (qemu on this host, NOT an ARM latency)"
-        return f"latency on {self.key}"
+        return latency_label(self.key, self.emulated)
+
+
+def latency_label(key: str, emulated: bool) -> str:
+    """How to name the times measured on device ``key``: emulated ones are said not to be ARM's."""
+    if emulated:
+        return f"emulated latency on {key} (qemu on this host, NOT an ARM latency)"
+    return f"latency on {key}"
 
 
 def is_emulated_key(key: str) -> bool:
@@ -332,15 +338,23 @@ def check_rpc_args(tracker: str | None, key: str | None, timeout: float = DEFAUL
 
 # --------------------------------------------------------------------------- sessions
 
+_exported = itertools.count(1)  # numbers the libraries :meth:`Session.load_built` uploads
+
 
 class Session:
-    """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`).
+    """One RPC session on device ``key`` behind ``tracker``, every step bounded (:class:`Watchdog`):
+    the device behind a tracker of :mod:`tvmshuffle.devices` (whose :class:`~tvmshuffle.devices.LocalDevice`
+    has the same interface for this machine; :func:`~tvmshuffle.devices.open_device` picks one).
 
     ``with Session(tracker, key) as s: vm = s.load_vm(lib); y = s.run(vm, x); t = s.time(vm, 10)``.
     The session ends with the block (the device serves one session at a time). ``threads``
     (``--threads``/``--affinity``) configures the thread pool of the session's process on the
     device as it starts; ``self.threads`` is then the pool's size there.
     """
+
+    #: the code runs elsewhere: a loaded module lives only as long as the session, and TVM's
+    #: remote time evaluator finds only a module's root functions
+    is_here = False
 
     def __init__(self, tracker: str, key: str, timeout: float = DEFAULT_RPC_TIMEOUT,
                  session_timeout: float = 600.0, connect_timeout: float = 5.0,
@@ -355,10 +369,35 @@ class Session:
         self.remote = None
         self._fds: set[int] = set()
         self._run_s = 0.0
+        self._exports = None  # a temporary directory for :meth:`load_built`
 
     @property
     def emulated(self) -> bool:
         return is_emulated_key(self.key)
+
+    @property
+    def name(self) -> str:
+        """The device's short name in a report: its key."""
+        return self.key
+
+    def place(self, preset=None) -> str:
+        """The device named in full, for a report's heading: ``KEY via HOST:PORT``."""
+        return f"{self.key} via {self.tracker}"
+
+    @property
+    def label(self) -> str:
+        """The device in a log line: ``device KEY via HOST:PORT`` (emulated: said so)."""
+        return f"device {self.key!r} via {self.tracker}" + (" (emulated: not ARM timings)" if self.emulated else "")
+
+    @property
+    def latency_label(self) -> str:
+        """How to name the times measured here (:func:`latency_label`)."""
+        return latency_label(self.key, self.emulated)
+
+    @property
+    def threads_note(self) -> str:
+        """``", N threads"`` when ``--threads``/``--affinity`` configured the device's pool, else ``""``."""
+        return f", {self.threads} threads" if self.threads else ""
 
     def __enter__(self) -> Session:
         self.watchdog.__enter__()
@@ -392,6 +431,9 @@ class Session:
             pass
         finally:
             self.watchdog.__exit__()
+            if self._exports is not None:
+                self._exports.cleanup()
+                self._exports = None
 
     def step(self, what: str, seconds: float | None = None) -> None:
         self.watchdog.step(what, seconds)
@@ -413,13 +455,37 @@ class Session:
             raise UserError(f"{path}: device {self.key!r} cannot load it ({last_line(err)}); "
                             "was it compiled for this device's target?") from err
 
-    def load_vm(self, lib_path: Path):
-        """Upload the library and open a Relax VM on the device's CPU."""
+    def load_built(self, built, preset, name: str = "module"):
+        """A module built in this process (a VM executable or a runtime module) loaded on the
+        device: exported for ``preset`` (:func:`tvmshuffle.targets.export_library`) into the
+        session's own temporary directory, uploaded and loaded. Each export gets a name of its
+        own (a library loaded twice under one name would be the first one again)."""
+        import tempfile
+
+        from . import targets
+
+        if self._exports is None:
+            self._exports = tempfile.TemporaryDirectory(prefix="tvmshuffle-session-")
+        path = Path(self._exports.name) / f"{name}_{next(_exported)}.so"
+        targets.export_library(built, preset, path)
+        return self.load_module(path)
+
+    def vm(self, module, name: str = "the library"):
+        """A Relax VM on the device's CPU over a loaded module."""
         from tvm import relax
 
-        module = self.load_module(lib_path)
-        self.step(f"opening a VM on {Path(lib_path).name}")
+        self.step(f"opening a VM on {name}")
         return relax.VirtualMachine(module, self.cpu())
+
+    def load_vm(self, lib_path: Path):
+        """Upload the library and open a Relax VM on the device's CPU."""
+        return self.vm(self.load_module(lib_path), Path(lib_path).name)
+
+    def tensor(self, array: np.ndarray):
+        """``array`` copied to the device."""
+        import tvm
+
+        return tvm.runtime.tensor(array, self.cpu())
 
     def run(self, vm, x: np.ndarray) -> np.ndarray:
         """``main(x)`` on the device; how long it took bounds :meth:`time`."""

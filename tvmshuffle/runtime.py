@@ -82,16 +82,23 @@ def configure_threads(get_global: Callable[[str], Callable], config: ThreadConfi
     return used
 
 
+_applied_here: ThreadConfig | None = None  # the last configuration of this process's pool
+
+
 def configure_local_threads(config: ThreadConfig, quiet: bool = False) -> int | None:
     """:func:`configure_threads` for this process (``TVM_NUM_THREADS`` set first, so a pool not
-    started yet gets the workers asked for)."""
+    started yet gets the workers asked for). The configuration applied last time again (a
+    device opened per variant or per layer) is logged at debug level only."""
+    global _applied_here
     if not config.requested:
         return None
     import tvm
 
     if config.threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(config.threads)
-    return configure_threads(tvm.get_global_func, config, quiet=quiet)
+    used = configure_threads(tvm.get_global_func, config, quiet=quiet or config == _applied_here)
+    _applied_here = config
+    return used
 
 
 @dataclass
@@ -176,11 +183,19 @@ def run(vm, x: np.ndarray, repeat: int = 0, number: int = 1) -> RunResult:
         msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise UserError(f"--input: the library rejects an input of shape {x.shape}: {msg[-1] if msg else err}") from err
     output = _to_numpy(out)
-    times: list[float] = []
-    if repeat > 0:
-        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
-        times = [t * 1e3 for t in timer(data).results]
+    times = time_main(vm, data, repeat, number) if repeat > 0 else []
     return RunResult(output, times)
+
+
+def time_main(vm, x, repeat: int, number: int = 1) -> list[float]:
+    """Per-repeat mean latency (ms) of ``main(x)`` (``x``: an array or a tensor on the CPU),
+    by the VM's time evaluator."""
+    import tvm
+
+    dev = tvm.cpu()
+    data = x if hasattr(x, "numpy") else tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), dev)
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return [t * 1e3 for t in timer(data).results]
 
 
 def _to_numpy(out) -> np.ndarray:

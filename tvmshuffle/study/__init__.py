@@ -41,15 +41,14 @@ The package, one concern a module:
 """
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig
-from .hardware import (Bandwidth, Peak, cpu_peak, host_clock_ghz, isa_of, measure_bandwidth, measure_peak, peak_kernel,
-                       set_tvm_threads)
+from .hardware import Bandwidth, Peak, cpu_peak, host_clock_ghz, isa_of, measure_bandwidth, measure_peak, peak_kernel
 from .layers import Layer, fused_layers, study_models
 from .measure import run_study, tune_layers, tuned_funcs
 from .report import Row, StudyReport, markdown, plot, to_json, write_outputs
 
 __all__ = [
     "SCHEDULES", "STUDY_RECORDS", "Bandwidth", "Layer", "Peak", "Row", "StudyConfig", "StudyReport",
-    "cpu_peak", "fused_layers", "host_clock_ghz", "isa_of", "markdown", "measure_bandwidth", "measure_peak", "peak_kernel", "plot",
-    "run_study", "set_tvm_threads", "study_models", "to_json", "tune_layers", "tuned_funcs",
+    "cpu_peak", "fused_layers", "host_clock_ghz", "isa_of", "markdown", "measure_bandwidth", "measure_peak",
+    "peak_kernel", "plot", "run_study", "study_models", "to_json", "tune_layers", "tuned_funcs",
     "write_outputs",
 ]

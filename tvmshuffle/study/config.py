@@ -81,10 +81,12 @@ class StudyConfig:
             raise UserError("--model: give at least one model (or none for the whole zoo)")
 
 
-def _preset(config: StudyConfig) -> targets.TargetPreset:
+def _preset(config: StudyConfig, wait: bool = False) -> targets.TargetPreset:
+    """The target, checked to run where the study measures (``wait``: a free device there)."""
+    from ..devices import check_device
+
     preset = targets.resolve(config.target, config.cross_compiler)
-    if preset.is_cross and not config.rpc_tracker:
-        raise UserError(f"--target {preset.name}: code for it cannot run here; give --rpc-tracker and --rpc-key")
+    check_device(preset, config.rpc_tracker, config.rpc_key, config.rpc_timeout, wait=wait)
     return preset
 
 

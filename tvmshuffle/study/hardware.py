@@ -1,6 +1,6 @@
 """What the layers are measured against: the fp32 peak of the CPU (a TVM FMA kernel; the
 formula cores × lanes × FMA units × clock as a cross-check), the memory bandwidth (a TVM
-streaming kernel), TVM's thread pool here."""
+streaming kernel), the TVM threads here."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import targets
-from ..runtime import ThreadConfig, configure_local_threads
-
-if TYPE_CHECKING:  # measure.py runs the layers (and imports this module)
-    from .measure import _Runner
 
 
 log = logging.getLogger(__name__)
@@ -180,17 +175,6 @@ def tvm_threads() -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
-def set_tvm_threads(threads: int, affinity: str | None = None) -> int:
-    """Ask for ``threads`` TVM threads (pinned as ``affinity`` says: big, little, or default =
-    as they are); returns the number TVM's pool really has
-    (:func:`tvmshuffle.runtime.configure_local_threads`).
-
-    Effective only before the pool first runs a parallel loop (``TVM_NUM_THREADS`` is read
-    when the pool starts); later it can only shrink.
-    """
-    return configure_local_threads(ThreadConfig(threads, affinity))
-
-
 #: independent FMA chains of the peak kernel: enough to cover an FMA's latency on every pipe
 #: (4-5 cycles × 2 pipes) and few enough to stay in registers (AVX2 has 16, NEON 32)
 PEAK_CHAINS = 12
@@ -223,30 +207,30 @@ def peak_kernel(threads: int, lanes: int, iterations: int, chains: int = PEAK_CH
     return main
 
 
-def measure_peak(runner: _Runner, preset: targets.TargetPreset, threads: int,
+def measure_peak(device, preset: targets.TargetPreset, threads: int, where: str | None = None,
                  iterations: int = 2_000_000) -> Peak:
-    """fp32 peak where the layers run, measured: a TVM kernel of register-resident FMA chains
-    (:func:`peak_kernel`) at the hand schedules' vector width, one chain set per thread,
-    parallel over ``threads``; best of 5 samples of 3 runs. It tells what the formula of
-    :func:`cpu_peak` cannot: how many FMA pipes the core really has at that width (Zen 1 splits
-    a 256-bit FMA over its two 128-bit pipes: half the formula), and the clock under load."""
+    """fp32 peak on ``device`` (an open one of :mod:`tvmshuffle.devices`, named ``where`` in the
+    note), measured: a TVM kernel of register-resident FMA chains (:func:`peak_kernel`) at the
+    hand schedules' vector width, one chain set per thread, parallel over ``threads``; best of
+    5 samples of 3 runs. It tells what the formula of :func:`cpu_peak` cannot: how many FMA
+    pipes the core really has at that width (Zen 1 splits a 256-bit FMA over its two 128-bit
+    pipes: half the formula), and the clock under load."""
     import tvm
 
     isa = isa_of(preset)
     lib = tvm.tirx.build(peak_kernel(threads, isa.lanes, iterations), targets.tvm_target(preset))
-    with runner.open():
-        module = runner.load(lib)
-        out = runner.tensor(np.zeros((threads, PEAK_CHAINS, isa.lanes), "float32"))
-        runner.step("measuring the fp32 peak")
-        module["main"](out, 0.5)
-        if not np.all(out.numpy() == 1.0):
-            return Peak(None, "peak kernel computed a wrong result; not measured")
-        results = module.time_evaluator("main", runner.device(), number=3, repeat=5)(out, 0.5).results
-        out = module = None
+    module = device.load_built(lib, preset, "peak")
+    out = device.tensor(np.zeros((threads, PEAK_CHAINS, isa.lanes), "float32"))
+    device.step("measuring the fp32 peak")
+    module["main"](out, 0.5)
+    if not np.all(out.numpy() == 1.0):
+        return Peak(None, "peak kernel computed a wrong result; not measured")
+    results = module.time_evaluator("main", device.cpu(), number=3, repeat=5)(out, 0.5).results
+    out = module = None
     best = min(results)
     gflops = 2 * threads * PEAK_CHAINS * isa.lanes * iterations / best / 1e9
     how = (f"measured: TVM kernel of {PEAK_CHAINS} register-resident {isa.lanes}-lane ({isa.name}) FMA chains "
-           f"per thread, {threads} threads, on {runner.where}: {gflops:.1f} GFLOP/s (best of 5 × 3 runs)")
+           f"per thread, {threads} threads, on {where or device.name}: {gflops:.1f} GFLOP/s (best of 5 × 3 runs)")
     return Peak(gflops, how)
 
 
@@ -266,31 +250,32 @@ def _stream_kernel(n: int):
     return sch.mod
 
 
-def measure_bandwidth(runner: _Runner, preset: targets.TargetPreset, megabytes: int = 64) -> Bandwidth:
+def measure_bandwidth(device, preset: targets.TargetPreset, megabytes: int = 64,
+                      where: str | None = None) -> Bandwidth:
     """Memory bandwidth of a TVM streaming kernel ``c = a + b`` over ``megabytes`` MB arrays,
-    parallel over every thread, where the layers run: 3 × size bytes per run (STREAM's count;
-    the write-allocate read of ``c`` is not counted), best of 10 samples of 3 runs."""
+    parallel over every thread, on ``device`` (an open one of :mod:`tvmshuffle.devices`, named
+    ``where`` in the note): 3 × size bytes per run (STREAM's count; the write-allocate read of
+    ``c`` is not counted), best of 10 samples of 3 runs."""
     import tvm
 
     n = megabytes * 2**20 // 4
     lib = tvm.tirx.build(_stream_kernel(n), targets.tvm_target(preset))
-    with runner.open():
-        module = runner.load(lib)
-        a = runner.tensor(np.ones(n, "float32"))
-        b = runner.tensor(np.full(n, 2.0, "float32"))
-        c = runner.tensor(np.zeros(n, "float32"))
-        runner.step("measuring the memory bandwidth")
-        module["main"](a, b, c)  # first touch of the pages, and a check
-        if not np.allclose(c.numpy()[:: max(1, n // 1024)], 3.0):
-            return Bandwidth(None, "bandwidth kernel computed a wrong result; not measured")
-        results = module.time_evaluator("main", runner.device(), number=3, repeat=10)(a, b, c).results
-        a = b = c = module = None
+    module = device.load_built(lib, preset, "bandwidth")
+    a = device.tensor(np.ones(n, "float32"))
+    b = device.tensor(np.full(n, 2.0, "float32"))
+    c = device.tensor(np.zeros(n, "float32"))
+    device.step("measuring the memory bandwidth")
+    module["main"](a, b, c)  # first touch of the pages, and a check
+    if not np.allclose(c.numpy()[:: max(1, n // 1024)], 3.0):
+        return Bandwidth(None, "bandwidth kernel computed a wrong result; not measured")
+    results = module.time_evaluator("main", device.cpu(), number=3, repeat=10)(a, b, c).results
+    a = b = c = module = None
     best = min(results)
     gbps = 3 * n * 4 / best / 1e9
     how = (f"measured: TVM kernel c[i] = a[i] + b[i] over three {megabytes} MB fp32 arrays, parallel over "
-           f"every thread, on {runner.where}: 3 × {megabytes} MB in {best * 1e3:.2f} ms "
+           f"every thread, on {where or device.name}: 3 × {megabytes} MB in {best * 1e3:.2f} ms "
            f"(best of 10 × 3 runs) = {gbps:.1f} GB/s")
-    if runner.emulated:
+    if device.emulated:
         how += " (EMULATED: a qemu number, not the device's)"
     return Bandwidth(gbps, how)
 

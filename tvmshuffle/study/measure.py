@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .. import remote, schedules, targets, tuning
+from .. import schedules, targets, tuning
+from ..devices import open_device
 from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
-from ..errors import UserError, last_line
+from ..errors import UserError, last_line, quiet_logger
 from ..remote import DeviceTimeout
 from ..runtime import ThreadConfig, check
 from ..tir_analysis import blocks, buffer_shape
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig, _bar, _preset
 from .layers import Layer, fused_layers
-from .hardware import Bandwidth, Peak, cpu_peak, measure_bandwidth, measure_peak, set_tvm_threads
+from .hardware import Bandwidth, Peak, cpu_peak, measure_bandwidth, measure_peak
 from .report import Row, StudyReport
 
 log = logging.getLogger(__name__)
@@ -30,101 +28,17 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- where the code runs
 
 
-class _Runner:
-    """Loads built modules and makes tensors, here or on an RPC device."""
-
-    emulated = False
-
-    def __init__(self, preset: targets.TargetPreset, config: StudyConfig, tmp: Path) -> None:
-        self.preset = preset
-        self.config = config
-        self.tmp = tmp
-        self.session = None
-        self.count = 0
-
-    @property
-    def where(self) -> str:
-        raise NotImplementedError
-
-    @contextmanager
-    def open(self) -> Iterator[None]:
-        yield
-
-    def step(self, what: str) -> None:
-        """Say what is measured next (a remote session bounds each step)."""
-
-    def device(self):
-        raise NotImplementedError
-
-    def load(self, lib):
-        raise NotImplementedError
-
-    def tensor(self, array: np.ndarray):
-        import tvm
-
-        return tvm.runtime.tensor(array, self.device())
+def _open_device(config: StudyConfig, here_threads: int | None = None):
+    """The device the layers run on (:func:`tvmshuffle.devices.open_device`; a session on a
+    device ends after ``session_timeout`` s, so the study opens one a layer)."""
+    return open_device(config.rpc_tracker, config.rpc_key, config.rpc_timeout,
+                       ThreadConfig(config.threads, config.affinity), session_timeout=config.session_timeout,
+                       here_threads=here_threads)
 
 
-class _LocalRunner(_Runner):
-    def __init__(self, preset, config, tmp, threads: int) -> None:
-        super().__init__(preset, config, tmp)
-        self.threads = threads
-
-    @property
-    def where(self) -> str:
-        mcpu = self.preset.target.get("mcpu", "generic")
-        return f"this CPU ({targets.host_cpu_name()}, {mcpu}), {self.threads} threads"
-
-    def device(self):
-        import tvm
-
-        return tvm.cpu()
-
-    def load(self, lib):
-        return lib
-
-
-class _RemoteRunner(_Runner):
-    def __init__(self, preset, config, tmp) -> None:
-
-        super().__init__(preset, config, tmp)
-        self.host, self.port = remote.parse_tracker(config.rpc_tracker)
-        self.key = config.rpc_key
-        self.emulated = remote.is_emulated_key(self.key)
-        targets.export_function(preset)  # UserError now if the linker is missing
-        self.threads: int | None = None  # the device's pool, when --threads/--affinity set it
-
-    @property
-    def where(self) -> str:
-        label = f"{self.key} via {self.host}:{self.port}"
-        if self.threads:
-            label += f", {self.threads} threads"
-        return label + (" (EMULATED under qemu: not ARM timings)" if self.emulated else "")
-
-    @contextmanager
-    def open(self) -> Iterator[None]:
-
-        with remote.Session(self.config.rpc_tracker, self.key, self.config.rpc_timeout,
-                            session_timeout=self.config.session_timeout,
-                            threads=ThreadConfig(self.config.threads, self.config.affinity)) as self.session:
-            self.threads = self.session.threads
-            try:
-                yield
-            finally:
-                self.session = None
-
-    def step(self, what: str) -> None:
-        self.session.step(what)
-
-    def device(self):
-        return self.session.cpu()
-
-    def load(self, lib):
-        """Export the built module itself (remote ``time_evaluator`` finds only root functions)."""
-        self.count += 1
-        path = self.tmp / f"study_{self.count}.so"
-        targets.export_library(lib, self.preset, path)
-        return self.session.load_module(path)
+def _where(device, preset: targets.TargetPreset) -> str:
+    emulated = " (EMULATED under qemu: not ARM timings)" if device.emulated else ""
+    return device.place(preset) + device.threads_note + emulated
 
 
 # --------------------------------------------------------------------------- schedules
@@ -209,16 +123,6 @@ def tuned_funcs(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
     return found, notes
 
 
-@contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Path, config: StudyConfig):
     """Give every layer ``trials_per_layer`` trials in ``study_dir`` (resumable: the trials
     already there count; layers that have them all are not tuned again)."""
@@ -228,7 +132,7 @@ def tune_layers(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
                **config.tune_options}
     todo = list(range(len(layers)))
     if (study_dir / WORKLOAD_FILE).is_file():  # count what is there (a zero budget tunes nothing)
-        with _quiet(tuning.log):
+        with quiet_logger(tuning.log):
             counted = tuning.tune(_layers_module(layers), preset, tuning.TuneConfig(trials=0, **options))
         counts = {t.name: t.trials for t in counted.tasks}
         if any(_gv(i) in counts for i in todo):
@@ -257,8 +161,8 @@ def _random_args(layer: Layer, seed: int) -> tuple[list[np.ndarray], list[np.nda
 
 
 
-def _run(runner: _Runner, module, inputs, outputs) -> tuple[list, list[np.ndarray]]:
-    args = [runner.tensor(a) for a in inputs] + [runner.tensor(o) for o in outputs]
+def _run(device, module, inputs, outputs) -> tuple[list, list[np.ndarray]]:
+    args = [device.tensor(a) for a in inputs] + [device.tensor(o) for o in outputs]
     module["main"](*args)
     return args, [a.numpy() for a in args[len(inputs):]]
 
@@ -280,9 +184,10 @@ def without_weight_packing(func):
     return RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)["main"]
 
 
-def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, str]], runner: _Runner,
+def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, str]], device,
                    preset: targets.TargetPreset, config: StudyConfig, seed: int) -> list[Row]:
-    """One row per schedule: built, checked against ``default``, then timed.
+    """One row per schedule: built, checked against ``default``, then timed on ``device`` (an
+    open one of :mod:`tvmshuffle.devices`).
 
     ``variants``: schedule → (func or None, note, status of the row when func is None). A
     schedule that repacks a weight is checked with the repacking and timed without it
@@ -291,48 +196,47 @@ def _measure_layer(layer: Layer, variants: dict[str, tuple[object | None, str, s
     inputs, outputs = _random_args(layer, seed)
     rows = [Row(layer.layer, layer.kind, schedule, variants[schedule][2], ai=layer.ai, models=list(layer.models),
                 calls=layer.calls, macs=layer.macs, bytes=layer.bytes, note=variants[schedule][1],
-                emulated=runner.emulated) for schedule in SCHEDULES]
+                emulated=device.emulated) for schedule in SCHEDULES]
     expected: list[np.ndarray] | None = None
-    with runner.open():
-        for row in rows:
-            func = variants[row.schedule][0]
-            if func is None:
-                continue
-            if row.schedule != "default" and expected is None:
-                row.status = "error: default did not run, nothing to check against"
-                continue
-            try:
-                module = runner.load(_build(func, preset))
-                args, got = _run(runner, module, inputs, outputs)
-                kernel = without_weight_packing(func)
-                if kernel is not None:
-                    rng = np.random.default_rng(seed)
-                    module = runner.load(_build(kernel, preset))
-                    args = [runner.tensor(rng.standard_normal(buffer_shape(p)).astype(str(p.dtype))) for p in kernel.params]
-                    row.note = _join(row.note, "weight packing checked, not timed (a model build does it "
-                                                "once, at compile time)")
-            except DeviceTimeout:
-                raise  # the device stopped answering: nothing more can be measured
-            except Exception as err:  # noqa: BLE001 - a schedule that does not build or run: its row says so
-                row.status = f"error: {last_line(err)}"
+    for row in rows:
+        func = variants[row.schedule][0]
+        if func is None:
+            continue
+        if row.schedule != "default" and expected is None:
+            row.status = "error: default did not run, nothing to check against"
+            continue
+        try:
+            module = device.load_built(_build(func, preset), preset, "layer")
+            args, got = _run(device, module, inputs, outputs)
+            kernel = without_weight_packing(func)
+            if kernel is not None:
+                rng = np.random.default_rng(seed)
+                module = device.load_built(_build(kernel, preset), preset, "layer")
+                args = [device.tensor(rng.standard_normal(buffer_shape(p)).astype(str(p.dtype))) for p in kernel.params]
+                row.note = _join(row.note, "weight packing checked, not timed (a model build does it "
+                                            "once, at compile time)")
+        except DeviceTimeout:
+            raise  # the device stopped answering: nothing more can be measured
+        except Exception as err:  # noqa: BLE001 - a schedule that does not build or run: its row says so
+            row.status = f"error: {last_line(err)}"
+            log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
+            continue
+        if expected is None:
+            expected = got  # default is the reference
+            row.max_error = 0.0
+        else:
+            checks = [check(g, e, config.tolerance) for g, e in zip(got, expected)]
+            row.max_error = max(err for _, err in checks)
+            if not all(ok for ok, _ in checks):
+                row.status = f"wrong: max error {row.max_error:.2e} > {config.tolerance:g} vs default"
+                row.note = _join(row.note, "output differs from default: not timed")
                 log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
                 continue
-            if expected is None:
-                expected = got  # default is the reference
-                row.max_error = 0.0
-            else:
-                checks = [check(g, e, config.tolerance) for g, e in zip(got, expected)]
-                row.max_error = max(err for _, err in checks)
-                if not all(ok for ok, _ in checks):
-                    row.status = f"wrong: max error {row.max_error:.2e} > {config.tolerance:g} vs default"
-                    row.note = _join(row.note, "output differs from default: not timed")
-                    log.warning("%s, %s: %s", layer.layer, row.schedule, row.status)
-                    continue
-            runner.step(f"timing {layer.layer} ({row.schedule})")
-            timer = module.time_evaluator("main", runner.device(), number=config.number, repeat=config.repeat)
-            row.ms = float(np.median(timer(*args).results)) * 1e3
-            row.status = "ok"
-            module = args = timer = None
+        device.step(f"timing {layer.layer} ({row.schedule})")
+        timer = module.time_evaluator("main", device.cpu(), number=config.number, repeat=config.repeat)
+        row.ms = float(np.median(timer(*args).results)) * 1e3
+        row.status = "ok"
+        module = args = timer = None
     return rows
 
 
@@ -354,80 +258,74 @@ def _fill_rates(row: Row, peak: Peak, bandwidth: Bandwidth) -> None:
         row.roofline_fraction = row.gflops / row.roofline_gflops
 
 
-def _peak(runner: _Runner, preset: targets.TargetPreset, config: StudyConfig, threads: int | None) -> Peak:
-    """The fp32 peak where the layers run: measured (:func:`measure_peak`) with the threads they
-    run with, the formula of :func:`cpu_peak` beside it as a cross-check; the formula alone when
-    the device's thread count is unknown (an RPC device without ``--threads``/``num-cores``)."""
-    if runner.emulated:
-        raise AssertionError("no peak for an emulated device")
-    if threads is None:  # an RPC device: the threads asked for, or its cores as far as known
-        threads = config.threads or preset.num_cores or (None if preset.is_cross else os.cpu_count())
+def _peak(device, preset: targets.TargetPreset, config: StudyConfig, where: str) -> Peak:
+    """The fp32 peak on ``device`` (not an emulated one): measured (:func:`measure_peak`) with
+    the threads the layers run with, the formula of :func:`cpu_peak` beside it as a cross-check;
+    the formula alone when the device's thread count is unknown (an RPC device without
+    ``--threads`` or the preset's ``num-cores``)."""
+    threads = device.threads or config.threads or preset.num_cores or (None if preset.is_cross else os.cpu_count())
     formula = cpu_peak(preset, threads)
     if threads is None:
         return formula
-    measured = measure_peak(runner, preset, threads)
+    measured = measure_peak(device, preset, threads, where)
     if measured.gflops is None:
         return formula
-    measured.how += f"; the formula says {formula.how}" if formula.gflops else ""
+    if formula.gflops:
+        measured.how += f"; the formula says {formula.how}"
     return measured
 
 
 def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyReport:
     """Measure every layer (``layers``, else :func:`fused_layers` of ``config``) three ways."""
-    preset = _preset(config)
-    remote_run = config.rpc_tracker is not None
-    if remote_run:
-        remote.check_rpc(config.rpc_tracker, config.rpc_key)  # fail before the slow part
+    preset = _preset(config, wait=True)  # fail before the slow part
+    targets.export_function(preset)  # UserError now if the linker is missing
     if layers is None:
         layers = fused_layers(config)  # a model name that is wrong fails first
     if not layers:
         raise UserError("no fused shuffle_group_conv2d layer in the models studied")
-    threads = None
-    if not remote_run:
-        want = config.threads or int(os.environ.get("TVM_NUM_THREADS") or 0) or os.cpu_count() or 1
-        threads = set_tvm_threads(want, config.affinity)
+    # this CPU: every core unless --threads (TVM's own default halves them on x86)
+    here = config.threads or int(os.environ.get("TVM_NUM_THREADS") or 0) or os.cpu_count() or 1
+    with _open_device(config, here) as device:
+        threads = device.threads if device.is_here else None  # the report's: this CPU's pool
+        where = _where(device, preset)
+        if device.emulated:
+            peak = Peak(None, f"{config.rpc_key} is an emulated device (qemu on this host): its speed says "
+                                "nothing of an ARM core's, so no peak is given")
+        else:
+            peak = _peak(device, preset, config, where)
+        bandwidth = measure_bandwidth(device, preset, config.bandwidth_mb, where)
+        emulated = device.emulated
     study_dir, others = records_dirs(config, preset)
     if config.trials_per_layer > 0:
         tune_layers(layers, preset, study_dir, config)
     tuned, tuned_notes = tuned_funcs(layers, preset, study_dir, others)
     log.info("tuned schedules for %d of %d layers (%s%s)", len(tuned), len(layers), study_dir,
              f" and {len(others)} model records dirs" if others else "")
-    with tempfile.TemporaryDirectory(prefix="tvmshuffle-study-") as tmp:
-        runner: _Runner
-        if remote_run:
-            runner = _RemoteRunner(preset, config, Path(tmp))
-        else:
-            runner = _LocalRunner(preset, config, Path(tmp), threads)
-        if runner.emulated:
-            peak = Peak(None, f"{config.rpc_key} is an emulated device (qemu on this host): its speed says "
-                                "nothing of an ARM core's, so no peak is given")
-        else:
-            peak = _peak(runner, preset, config, threads)
-        bandwidth = measure_bandwidth(runner, preset, config.bandwidth_mb)
-        log.debug("peak: %s", peak.how)
-        log.debug("bandwidth: %s", bandwidth.how)
-        rows: list[Row] = []
-        from tqdm.contrib.logging import logging_redirect_tqdm
+    log.debug("peak: %s", peak.how)
+    log.debug("bandwidth: %s", bandwidth.how)
+    rows: list[Row] = []
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm():
-            bar = _bar(list(enumerate(layers)), config, desc="measuring", unit="layer")
-            for i, layer in bar:
-                bar.set_postfix_str(layer.layer)
-                hand = _hand(layer.func, preset)
-                if i in tuned:
-                    func, source = tuned[i]
-                    tuned_variant = (func, f"records: {display(source)}", "missing")
-                else:
-                    searched = ", ".join(display(d) for d in [study_dir, *others])
-                    tuned_variant = (None, f"no tuning records for this layer (looked in {searched}; "
-                                           f"tvmshuffle study --trials-per-layer N tunes it)", "missing")
-                variants = {"default": (layer.func, "as lowered", "missing"), "hand": hand, "tuned": tuned_variant}
-                rows += _measure_layer(layer, variants, runner, preset, config, config.seed + i)
-            bar.close()
-        where = runner.where
+    with logging_redirect_tqdm():
+        bar = _bar(list(enumerate(layers)), config, desc="measuring", unit="layer")
+        for i, layer in bar:
+            bar.set_postfix_str(layer.layer)
+            hand = _hand(layer.func, preset)
+            if i in tuned:
+                func, source = tuned[i]
+                tuned_variant = (func, f"records: {display(source)}", "missing")
+            else:
+                searched = ", ".join(display(d) for d in [study_dir, *others])
+                tuned_variant = (None, f"no tuning records for this layer (looked in {searched}; "
+                                       f"tvmshuffle study --trials-per-layer N tunes it)", "missing")
+            variants = {"default": (layer.func, "as lowered", "missing"), "hand": hand, "tuned": tuned_variant}
+            with _open_device(config, here) as device:  # a session a layer
+                rows += _measure_layer(layer, variants, device, preset, config, config.seed + i)
+                where = _where(device, preset)
+        bar.close()
     for row in rows:
         _fill_rates(row, peak, bandwidth)
-        if runner.emulated and "EMULATED" not in row.note:
+        if emulated and "EMULATED" not in row.note:
             row.note = _join("EMULATED", row.note)
     top = max((r.gflops for r in rows if r.gflops), default=0.0)
     if peak.gflops and top > peak.gflops:
@@ -440,6 +338,6 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
     return StudyReport(rows=rows, peak=peak, bandwidth=bandwidth, where=where, target=preset.name,
                        input_shape=list(config.input_shape), number=config.number, repeat=config.repeat,
                        threads=threads, records_dir=display(study_dir), models=models,
-                       emulated=runner.emulated)
+                       emulated=emulated)
 
 

@@ -156,14 +156,12 @@ COLORS = {"pointwise": "#4c72b0", "depthwise": "#dd8452", "other": "#55a868"}
 def plot(report: StudyReport, path: Path) -> Path:
     """Roofline PNG: log-log AI vs GFLOP/s, the peak roof and the bandwidth slope, one point
     per layer × schedule (marker per schedule, colour per kind)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    from ..figures import new_figure, save_figure
+
     rows = [r for r in report.rows if r.gflops]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = new_figure((8, 5.5))
     ais = [r.ai for r in report.rows if r.ai > 0] or [1.0]
     lo, hi = min(ais) / 2, max(ais) * 2
     peak, bw = report.peak.gflops, report.bandwidth.gbps
@@ -195,12 +193,7 @@ def plot(report: StudyReport, path: Path) -> Path:
     roof_handles, _ = ax.get_legend_handles_labels()
     ax.legend(handles=roof_handles + handles, fontsize=8, loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(report: StudyReport, output_dir: Path) -> dict[str, Path]:
