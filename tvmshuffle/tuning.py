@@ -569,50 +569,63 @@ def _existing(database, contexts) -> list[tuple[int, float | None]]:
     return list(zip(counts, best))
 
 
-def _seed_record(context, preset, source: str, database, builder, runner, stat: TaskStat) -> None:
-    """Build, measure and commit the hand schedule (the hand design space with its own tile
-    choices) of a task, so that the evolutionary search starts from a measured hand record."""
+def _as_lowered(sch) -> None:
+    """The design space of one schedule: the kernel as LegalizeOps lowered it (an empty trace)."""
+
+
+def _seed_record(context, preset, source: str | None, database, builder, runner, stat: TaskStat) -> int:
+    """Build, measure and commit a task's first record, so that its best record is never slower
+    than what a build without records would run: its hand schedule (``source``: the hand design
+    space with its own tile choices), or, where no hand schedule fits (``source`` None), TVM's
+    default — the kernel as lowered, an empty trace. Without that, a short run can leave a task
+    with one random candidate far slower than the default (seen: concatenate and avg_pool2d
+    at 3.5-6.5 ms after one trial, where the default takes microseconds), and the records,
+    which a build applies first, would make the tuned build slower than the untuned one.
+    Returns the trials it committed (1, or 0 when the schedule did not build or run)."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
 
     from . import schedules
 
+    what = f"the {source} schedule" if source else "TVM's default schedule (as lowered)"
+    space = schedules.space_fn(preset, source) if source else _as_lowered
     hand_context = ms.TuneContext(
         mod=context.mod, target=context.target, task_name=context.task_name,
-        space_generator=ms.space_generator.ScheduleFn(schedules.space_fn(preset, source)),
+        space_generator=ms.space_generator.ScheduleFn(space),
     ).clone()
     spaces = hand_context.generate_design_space()
     if not spaces:
-        return
+        return 0
     sch = spaces[0]
     for postproc in hand_context.space_generator.postprocs:
         if not postproc.apply(sch):
-            log.warning("%s: the hand schedule fails MetaSchedule's %s check; not seeded",
-                        stat.name, type(postproc).__name__)
-            return
+            log.warning("%s: %s fails MetaSchedule's %s check; not seeded",
+                        stat.name, what, type(postproc).__name__)
+            return 0
     # the arguments as built: a weight the schedule repacks (layout_rewrite_preproc) is passed
     # repacked, as MetaSchedule does for its own candidates
     args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     built = builder.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
     if built.error_msg:
-        log.warning("%s: the hand schedule did not build: %s", stat.name, _worker_message(built.error_msg))
-        return
+        log.warning("%s: %s did not build: %s", stat.name, what, _worker_message(built.error_msg))
+        return 0
     try:
         result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
                                                    args_info)])[0].result()
     finally:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg:
-        log.warning("%s: the hand schedule did not run: %s", stat.name, _worker_message(result.error_msg))
-        return
+        log.warning("%s: %s did not run: %s", stat.name, what, _worker_message(result.error_msg))
+        return 0
     workload = database.commit_workload(context.mod)
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, result.run_secs, context.target, args_info))
     secs = _mean_secs(result.run_secs)
     stat.trials += 1
     stat.best_us = secs * 1e6 if secs is not None else stat.best_us
-    log.info("%s: seeded with the %s schedule: %.1f us", stat.name, source, stat.best_us or float("nan"))
+    log.info("%s: seeded with %s: %.1f us", stat.name, what, stat.best_us or float("nan"))
+    return 1
 
 
 def make_builder(config: TuneConfig, cross_compiler: str | None = None):
@@ -817,8 +830,6 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
     if not tracker.curve and done:
         tracker.add_point()  # the state found on disk
 
-    # every task gets a first batch even when the budget is small
-    per_batch = min(config.trials_per_batch, max(1, math.ceil(remaining / len(contexts))))
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with _meta_schedule_log(records_dir), logging_redirect_tqdm():  # log lines above the bar
@@ -829,38 +840,24 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
             log.info("%d device(s) with key %r at %s: measuring up to %d candidates at once",
                      devices, config.rpc_key, config.rpc_tracker, devices)
         runner, ms_runner = make_runner(config, devices, follow_devices=True)
-        # measure the hand schedule first: the search starts from its record, and the records
-        # then hold its time, so their best is never slower than it (target.json says so, and a
-        # build lets the records go first). Records tuned without it get it now.
-        seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
-        marked = (read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
-        for i in seeded:
-            if stats[i].trials == 0 or not marked:
-                _seed_record(contexts[i], preset, config.seed_schedules, database, builder, ms_runner,
-                             stats[i])
-        if seed_key and not marked:
-            write_target_json(records_dir, preset, seed_key)
-        # progress first: it may stop the run before a failed batch is committed
-        first, last = _callbacks(tracker)
-        callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
-        log.info("tuning %d tasks for %s: %d new trials (batches of %d), records in %s",
-                 len(contexts), preset.name, remaining, per_batch, records_dir)
-        tracker.bar = tqdm(total=config.trials, initial=done, unit="trial", desc="tuning",
-                           disable=None if config.progress else True, dynamic_ncols=True)
-        # Ctrl-C: the first stops after the batch being measured (raising inside MetaSchedule's
-        # C++ loop can crash it); a second one stops at once.
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-
-            def on_sigint(signum, frame):
-                if tracker.interrupted.is_set():
-                    raise KeyboardInterrupt
-                tracker.interrupted.set()
-                log.warning("Ctrl-C: stopping after the current batch (Ctrl-C again: now)")
-
-            signal.signal(signal.SIGINT, on_sigint)
+        previous = _catch_ctrl_c(tracker)
         try:
+            _seed_tasks(contexts, stats, seeded, preset, config, database, builder, ms_runner, tracker)
+            remaining = config.trials - tracker.total_trials
+            if remaining <= 0:
+                log.info("trial budget met by the seeds (%d of %d trials in %s)", tracker.total_trials,
+                         config.trials, records_dir)
+                tracker.add_point()
+                return tracker
+            # every task gets a first batch even when the budget is small
+            per_batch = min(config.trials_per_batch, max(1, math.ceil(remaining / len(contexts))))
+            # progress first: it may stop the run before a failed batch is committed
+            first, last = _callbacks(tracker)
+            callbacks = [first, *ms.measure_callback.MeasureCallback.create("default"), last]
+            log.info("tuning %d tasks for %s: %d new trials (batches of %d), records in %s",
+                     len(contexts), preset.name, remaining, per_batch, records_dir)
+            tracker.bar = tqdm(total=config.trials, initial=tracker.total_trials, unit="trial", desc="tuning",
+                               disable=None if config.progress else True, dynamic_ncols=True)
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
@@ -894,8 +891,55 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-            tracker.bar.close()
-            tracker.bar = None
+            if tracker.bar is not None:
+                tracker.bar.close()
+                tracker.bar = None
             if runner is not ms_runner:  # RPC: the pools we made (LocalRunner's dies with it)
                 _shutdown_runner(runner)
     return tracker
+
+
+def _catch_ctrl_c(tracker: _Tracker):
+    """Ctrl-C: the first stops after the trial being measured (raising inside MetaSchedule's
+    C++ loop can crash it), a second one at once. Returns the handler to restore (None: not
+    the main thread, nothing installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if tracker.interrupted.is_set():
+            raise KeyboardInterrupt
+        tracker.interrupted.set()
+        log.warning("Ctrl-C: stopping after the current batch (Ctrl-C again: now)")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return previous
+
+
+def _seed_tasks(contexts, stats, seeded, preset, config: TuneConfig, database, builder, runner,
+                tracker: _Tracker) -> None:
+    """Measure each task's seed before the search (:func:`_seed_record`): the hand schedule
+    first where one fits — the search starts from its record, and the records then hold its
+    time, so their best is never slower than it (target.json says so, and a build lets the
+    records go first); records tuned without it get it now — and TVM's default schedule for a
+    new task no hand schedule fits. A seed is a trial: it counts as run and against the budget
+    (a new task's seed is measured even when the budget is spent, so that no task is left with
+    only a random record). Ctrl-C stops between seeds."""
+    from . import schedules
+
+    records_dir = Path(config.records_dir)
+    seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
+    marked = (read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
+    for i, stat in enumerate(stats):
+        if tracker.interrupted.is_set():
+            raise KeyboardInterrupt
+        if i in seeded and (stat.trials == 0 or not marked):
+            tracker.run_trials += _seed_record(contexts[i], preset, config.seed_schedules, database, builder,
+                                               runner, stat)
+        elif i not in seeded and stat.trials == 0:
+            tracker.run_trials += _seed_record(contexts[i], preset, None, database, builder, runner, stat)
+    if tracker.interrupted.is_set():
+        raise KeyboardInterrupt
+    if seed_key and not marked:
+        write_target_json(records_dir, preset, seed_key)
