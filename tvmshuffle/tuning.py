@@ -581,7 +581,8 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     with one random candidate far slower than the default (seen: concatenate and avg_pool2d
     at 3.5-6.5 ms after one trial, where the default takes microseconds), and the records,
     which a build applies first, would make the tuned build slower than the untuned one.
-    Returns the trials it committed (1, or 0 when the schedule did not build or run)."""
+    Returns the trials it committed (1, or 0 when the schedule did not build or run); a run
+    that timed out is the device's fault and stops the tune (:class:`_Stop`)."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
@@ -616,7 +617,10 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     finally:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg:
-        log.warning("%s: %s did not run: %s", stat.name, what, _worker_message(result.error_msg))
+        message = _worker_message(result.error_msg)
+        if "Timeout" in message:  # the device's fault (frozen, gone): stop, as a failed batch does
+            raise _Stop(f"tuning stopped: measuring {what} of task {stat.name} failed: {message}")
+        log.warning("%s: %s did not run: %s", stat.name, what, message)
         return 0
     workload = database.commit_workload(context.mod)
     database.commit_tuning_record(ms.database.TuningRecord(
@@ -923,23 +927,35 @@ def _seed_tasks(contexts, stats, seeded, preset, config: TuneConfig, database, b
     first where one fits — the search starts from its record, and the records then hold its
     time, so their best is never slower than it (target.json says so, and a build lets the
     records go first); records tuned without it get it now — and TVM's default schedule for a
-    new task no hand schedule fits. A seed is a trial: it counts as run and against the budget
-    (a new task's seed is measured even when the budget is spent, so that no task is left with
-    only a random record). Ctrl-C stops between seeds."""
+    new task no hand schedule fits. A seed is a trial: it counts as run and against the budget,
+    and seeding stops when the budget is spent (the search, which alone makes random records,
+    then does not run: a task is never left with only a random record). Ctrl-C stops between
+    seeds."""
     from . import schedules
 
     records_dir = Path(config.records_dir)
     seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
     marked = (read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
-    for i, stat in enumerate(stats):
+    # records tuned without the hand schedules first (the mark needs them all), then new tasks
+    # with a hand schedule, then new tasks without one
+    unmarked = {i for i in seeded if stats[i].trials > 0 and not marked}
+    todo = sorted((i for i, stat in enumerate(stats) if i in unmarked or stat.trials == 0),
+                  key=lambda i: (i not in unmarked, i not in seeded))
+    done = set()
+    for i in todo:
         if tracker.interrupted.is_set():
             raise KeyboardInterrupt
-        if i in seeded and (stat.trials == 0 or not marked):
-            tracker.run_trials += _seed_record(contexts[i], preset, config.seed_schedules, database, builder,
-                                               runner, stat)
-        elif i not in seeded and stat.trials == 0:
-            tracker.run_trials += _seed_record(contexts[i], preset, None, database, builder, runner, stat)
+        if tracker.total_trials >= config.trials:
+            log.info("the trial budget (%d) is spent on seeds: the search does not run", config.trials)
+            break
+        source = config.seed_schedules if i in seeded else None
+        try:
+            tracker.run_trials += _seed_record(contexts[i], preset, source, database, builder, runner, stats[i])
+        except _Stop as stop:
+            tracker.failure = str(stop)
+            raise
+        done.add(i)
     if tracker.interrupted.is_set():
         raise KeyboardInterrupt
-    if seed_key and not marked:
+    if seed_key and not marked and unmarked <= done:
         write_target_json(records_dir, preset, seed_key)
