@@ -578,9 +578,9 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     than what a build without records would run: its hand schedule (``source``: the hand design
     space with its own tile choices), or, where no hand schedule fits (``source`` None), TVM's
     default — the kernel as lowered, an empty trace. Without that, a short run can leave a task
-    with one random candidate far slower than the default (seen: concatenate and avg_pool2d
-    at 3.5-6.5 ms after one trial, where the default takes microseconds), and the records,
-    which a build applies first, would make the tuned build slower than the untuned one.
+    with only a random candidate, which a build applies first whether or not it beats the
+    default (seen in ``make demo`` on a busy machine: concatenate and avg_pool2d recorded at
+    3.5-6.5 ms after one trial; whether the candidates or the machine were slow is not known).
     Returns the trials it committed (1, or 0 when the schedule did not build or run); a run
     that timed out is the device's fault and stops the tune (:class:`_Stop`)."""
     import shutil
