@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runtime
-from .errors import UserError, last_line
+from .errors import UserError
 from .runtime import ThreadConfig
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,8 @@ class LocalDevice:
         return tvm.runtime.tensor(array, self.cpu())
 
     def load_module(self, path: Path):
-        """A shared library loaded in this process; errors name the file."""
-        import tvm
-
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"{path}: no such file")
-        try:
-            return tvm.runtime.load_module(str(path))
-        except Exception as err:  # noqa: BLE001 - dlopen / TVM loader errors
-            raise UserError(f"{path}: cannot load as a TVM library for this machine ({last_line(err)})") from err
+        """A shared library loaded in this process (:func:`tvmshuffle.runtime.load_module`)."""
+        return runtime.load_module(path)
 
     def load_built(self, built, preset=None, name: str = "module"):
         """A module built in this process runs here as it is (nothing to export)."""
@@ -112,10 +104,7 @@ class LocalDevice:
 
     def vm(self, module, name: str = "the library"):
         """A Relax VM on this CPU over a loaded module (or a VM executable)."""
-        import tvm
-        from tvm import relax
-
-        return relax.VirtualMachine(module, tvm.cpu())
+        return runtime.open_vm(module, name)
 
     def load_vm(self, lib_path: Path):
         """A model library → Relax VM on this CPU (:func:`tvmshuffle.runtime.load_library`)."""

@@ -200,8 +200,8 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
     device = device or LocalDevice(threads)
     kernels_list = kernels_list or _kernels_of(path)
     with device:
-        vm = device.load_vm(path)
-        lib = device.load_module(path)
+        lib = device.load_module(path)  # loaded once: the VM and the kernels' timers share it
+        vm = device.vm(lib, str(path))
         rows = time_kernels(kernel_library(lib), kernels_list, device.cpu(), number=number, repeat=repeat,
                             on_kernel=device.step)
         shape = kernels_list[0].inputs[0] if kernels_list else list(DEFAULT_INPUT_SHAPE)

@@ -114,22 +114,33 @@ class RunResult:
         return float(np.median(self.times_ms)) if self.times_ms else float("nan")
 
 
-def load_library(path: str | Path):
-    """A host ``.so`` → Relax VM on the CPU. Errors name the file."""
+def load_module(path: str | Path):
+    """A shared library loaded in this process. Errors name the file."""
     import tvm
-    from tvm import relax
 
     path = str(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
     try:
-        lib = tvm.runtime.load_module(path)
+        return tvm.runtime.load_module(path)
     except Exception as err:  # noqa: BLE001 - dlopen / TVM loader errors
         raise UserError(f"{path}: cannot load as a TVM library for this machine ({last_line(err)})") from err
+
+
+def open_vm(module, name: str):
+    """A Relax VM on this CPU over a loaded module (or a VM executable) called ``name``."""
+    import tvm
+    from tvm import relax
+
     try:
-        return relax.VirtualMachine(lib, tvm.cpu())
+        return relax.VirtualMachine(module, tvm.cpu())
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"{path}: not a tvmshuffle model library (no Relax VM inside)") from err
+        raise UserError(f"{name}: not a tvmshuffle model library (no Relax VM inside)") from err
+
+
+def load_library(path: str | Path):
+    """A host ``.so`` → Relax VM on the CPU. Errors name the file."""
+    return open_vm(load_module(path), str(path))
 
 
 def load_input(path: str | Path) -> np.ndarray:
