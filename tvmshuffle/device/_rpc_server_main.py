@@ -61,8 +61,11 @@ def main() -> None:
     from tvm import rpc
 
     host, port = args.tracker.rsplit(":", 1)
+    # reuse_addr=False: with SO_REUSEADDR two servers started at once (``device up --count N``)
+    # can bind the same free port, and the second dies at listen() with EADDRINUSE (seen in CI);
+    # without it the second one's bind fails and TVM moves on to the next port of the range
     server = rpc.Server(args.host, args.port, args.port_end, key=args.key, tracker_addr=(host, int(port)),
-                        server_init_callback=lambda: _use_forkserver(wrapper))
+                        server_init_callback=lambda: _use_forkserver(wrapper), reuse_addr=False)
     server.proc.join()
 
 
