@@ -20,11 +20,12 @@ and out of every layer) the schedule vectorises along an axis that is already co
   ``[O/lanes, K, lanes]`` by a block marked ``meta_schedule.layout_rewrite_preproc``, which the
   compiler splits off and folds into the (constant) weights at compile time
   (``SplitLayoutRewritePreproc`` + ``FoldConstant``), so it costs nothing at run time.
-* a full vector divides neither: pixel vectors of fewer lanes that divide the plane (7-wide
-  for 49 and 196 pixels: 7 of 8 AVX2 lanes), else half-width vectors.
+* a full vector divides neither: half-width vectors (4 floats on AVX2 for 196 pixels), or
+  pixel vectors of fewer lanes that divide the plane (7-wide for 49 and 196 pixels).
 
 The tile is the one doing the most useful lanes per reduction step (``accumulators x width``)
-among those that divide the layer, with at most ``registers - 2`` accumulators (the loaded
+among those that divide the layer — a width that is not a power of two counting half, since
+LLVM loads such a vector in pieces and shuffles them together (:func:`_load_cost`) — with at most ``registers - 2`` accumulators (the loaded
 operands stream through the other two) — 16 ymm registers for AVX2 (8 floats), 32 q registers
 for NEON (4 floats), so NEON gets twice the accumulators at half the width. The reduction is the whole ``k`` range inside the tile (``K``
 <= 1024 here: a tile's ``X`` panel of ``K x 8..16`` floats stays in L1/L2).
@@ -54,6 +55,19 @@ def matches(layer, isa) -> bool:
 
 def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in _CANDIDATE_TILES if d <= limit and n % d == 0]
+
+
+def _load_cost(width: int) -> int:
+    """2 for a vector width that is not a power of two, else 1.
+
+    LLVM loads a 7-float vector in pieces (4 + 2 + 1 floats) and shuffles them into one
+    register, so each load of the tile costs three loads and two shuffles; on AVX2 the shuffles
+    bind the tile below half the FMA rate. Measured (Xeon, Rocket Lake codegen, 2 threads): V2's
+    shuffled 1x1 ``232>116`` at 14x14 ran 60 us with 7-wide pixel vectors, 49 us with 4-wide
+    ones; ``464>232`` at 7x7 53 us with 7-wide pixel vectors, 35 us with 8-wide channel vectors
+    (a tile of 7 accumulators against 14). So such a width counts for half its lanes.
+    """
+    return 1 if width & (width - 1) == 0 else 2
 
 
 def _choose(layer, isa):
@@ -89,7 +103,7 @@ def _choose(layer, isa):
 
     def score(t):  # useful lanes per k, then fewest operand loads (a + b), then no packing
         form, width, a, b = t
-        return (a * b * width, -(a + b), form == "pixel")
+        return (a * b * width // _load_cost(width), -(a + b), form == "pixel")
 
     return max(options, key=score)
 

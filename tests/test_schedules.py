@@ -37,6 +37,8 @@ LAYERS = {
     "pw_grouped_14": ((1, 48, 14, 14), (48, 12, 1, 1), dict(shuffle_groups=3, conv_groups=4), "bias_add"),
     # odd channel count and 14x14: only half-width vectors divide
     "pw_half_lanes": ((1, 116, 14, 14), (58, 58, 1, 1), dict(shuffle_groups=2), "bias_relu"),
+    # V2 1x 7x7 (232 channels, 29 vectors): 8-wide channel vectors, not 7-wide pixel ones
+    "pw_v2_7": ((1, 464, 7, 7), (232, 232, 1, 1), dict(shuffle_groups=2, channel_offset=232), "bias_relu"),
     # V1 depthwise 3x3 stride 1 (g=3) and stride 2, bias only
     "dw_s1_28": ((1, 60, 28, 28), (60, 1, 3, 3), dict(shuffle_groups=3, conv_groups=60, padding=1), "bias"),
     "dw_s2_28": ((1, 120, 28, 28), (120, 1, 3, 3), dict(shuffle_groups=3, conv_groups=120, strides=2, padding=1), "bias"),
@@ -166,6 +168,22 @@ def test_the_tile_follows_the_isa():
     neon = pointwise._choose(layer, schedules.ISAS["neon"])
     assert avx2[1] == 8 and neon[1] == 4
     assert avx2[2] * avx2[3] <= 14 and neon[2] * neon[3] <= 30 and neon[2] * neon[3] > 14
+
+
+def test_the_tile_avoids_vectors_loaded_in_pieces():
+    """A 7-float vector (7 divides 49 and 196 pixels) is loaded as 4 + 2 + 1 floats and
+    shuffled together; the tile takes full or half vectors where they fit, 7-wide only where
+    nothing else does (negative case: 7x7 with 9 channels)."""
+    (pointwise,) = [m for m in schedules.load("hand") if m.NAME == "pointwise"]
+    avx2 = schedules.ISAS["avx2"]
+    chosen = {}
+    for name in ("pw_half_lanes", "pw_v2_7"):
+        mod, _ = _lowered(*LAYERS[name])
+        chosen[name] = pointwise._choose(schedules.describe(_fused_funcs(mod)[0]), avx2)
+    assert chosen["pw_half_lanes"][:2] == ("pixel", 4)  # 116 channels x 196 pixels
+    assert chosen["pw_v2_7"][:2] == ("channel", 8)  # 232 channels x 49 pixels
+    mod, _ = _lowered((1, 18, 7, 7), (9, 9, 1, 1), dict(shuffle_groups=2), "bias_relu")
+    assert pointwise._choose(schedules.describe(_fused_funcs(mod)[0]), avx2)[:2] == ("pixel", 7)
 
 
 # --------------------------------------------------------------------------- what is (not) touched
