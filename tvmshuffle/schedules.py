@@ -2,7 +2,7 @@
 
 The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
 with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
-``depthwise.py``), so that a user studying them edits plain files; this module is the registry
+``depthwise.py``, ``stem.py``, ``matmul.py``, ``pool.py``), so that a user studying them edits plain files; this module is the registry
 that loads them and the glue to the compiler:
 
 * :func:`describe` (of :mod:`tvmshuffle.tir_analysis`, named here too) reads a fused PrimFunc
@@ -43,7 +43,7 @@ from . import _shipped, targets
 from .errors import UserError, first_line
 # what a PrimFunc is (read by the schedule files): defined with the TIR analysis, named here too
 from .tir_analysis import (  # noqa: F401 - re-exported
-    CONV_BLOCK, CONV_BLOCKS, PAD_BLOCK, PAD_BLOCKS, ConvLayer, MatmulLayer, describe)
+    CONV_BLOCK, CONV_BLOCKS, PAD_BLOCK, PAD_BLOCKS, ConvLayer, MatmulLayer, PoolLayer, describe)
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ One place for what ``inspect``/``profile`` (:mod:`tvmshuffle.kernels`), the hand
 * :func:`macs`: multiply-accumulates of the ``acc + a * b`` reduction blocks (conv, matmul);
 * :func:`describe`: a conv kernel — the fused ``shuffle_group_conv2d`` or LegalizeOps'
   ``conv2d_nchw`` / ``group_conv2d_nchw`` — as a :class:`ConvLayer` (kind, stride, groups,
-  shuffle, epilogue), a classifier's matmul as a :class:`MatmulLayer`, anything else None;
+  shuffle, epilogue), a classifier's matmul as a :class:`MatmulLayer`, a pool as a
+  :class:`PoolLayer`, anything else None;
 * :func:`epilogue_name`, :func:`activation_param`, :func:`min_bytes`: the study's readings
   (epilogue labels, the activation a conv reads, minimum traffic);
 * :func:`buffer_shape`, :func:`dtype_bytes`, :func:`walk`: the small helpers under them.
@@ -76,6 +77,25 @@ class MatmulLayer:
     epilogue: list[str] = field(default_factory=list)  # block names after the matmul, in order
     block: str = "matmul"
     kind: str = "matmul"
+
+
+@dataclass
+class PoolLayer:
+    """A 2-D max or average pool (LegalizeOps' ``pool_max`` / ``pool_sum`` + ``pool_avg``), NCHW."""
+
+    channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    out_hw: tuple[int, int]
+    padded_hw: tuple[int, int]  # the plane the window slides over (after the padding stage)
+    block: str  # ``pool_max`` or ``pool_sum``
+    pad_block: str | None = None  # LegalizeOps' ``pad_temp``, if any
+    epilogue: list[str] = field(default_factory=list)  # ``pool_avg`` (the division), …
+    kind: str = "pool"
+
+
+#: LegalizeOps' reduction block of a max / average pool
+POOL_BLOCKS = ("pool_max", "pool_sum")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -200,10 +220,39 @@ def _factor_of(var, node_type):
     return lambda node: int(node.b) if isinstance(node, node_type) and node.a.same_as(var) else None
 
 
-def describe(func) -> ConvLayer | MatmulLayer | None:
+def _describe_pool(stages, names) -> PoolLayer | None:
+    import tvm
+
+    pool_name = next(n for n in names if n in POOL_BLOCKS)
+    index = names.index(pool_name)
+    if names[:index] not in ([], ["pad_temp"]):
+        return None
+    pool = stages[index]
+    spatial = _iter_vars(pool, tvm.tirx.IterVar.DataPar)
+    reduce_ = _iter_vars(pool, tvm.tirx.IterVar.CommReduce)
+    reads = [r for r in pool.reads if not r.source.same_as(pool.writes[0].source)]
+    if len(spatial) != 4 or len(reduce_) != 2 or len(reads) != 1 or len(reads[0].source.shape) != 4:
+        return None
+    # the window's index of y is ``v_y * stride + v_r`` (``v_y + v_r`` for stride 1)
+    stride = tuple(_find(reads[0].region[d].min, _factor_of(spatial[d].var, tvm.tirx.Mul)) or 1 for d in (2, 3))
+    _, channels, out_h, out_w = (int(iv.dom.extent) for iv in spatial)
+    return PoolLayer(
+        channels=channels,
+        kernel=tuple(int(iv.dom.extent) for iv in reduce_),
+        stride=stride,
+        out_hw=(out_h, out_w),
+        padded_hw=tuple(buffer_shape(reads[0].source)[2:]),
+        block=pool_name,
+        pad_block=names[0] if index else None,
+        epilogue=names[index + 1:],
+    )
+
+
+def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | None:
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
     LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
-    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), or None.
+    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
+    of a max / average pool (kind ``"pool"``), or None.
 
     Only a lowered, unscheduled PrimFunc is described: its stages are the root's children
     (``blocks(func, nested=False)``), a padding stage at most before the conv, the epilogue after.
@@ -214,6 +263,8 @@ def describe(func) -> ConvLayer | MatmulLayer | None:
     names = [b.name_hint for b in stages]
     if names and names[0] == "matmul":
         return _describe_matmul(func, stages, names)
+    if any(n in POOL_BLOCKS for n in names):
+        return _describe_pool(stages, names)
     conv_name = next((n for n in CONV_BLOCKS if n in names), None)
     if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
