@@ -89,14 +89,28 @@ def test_a_scheduled_kernel_is_walked_but_not_described():
     assert tir_analysis.describe(scheduled) is None
 
 
-def test_a_kernel_without_a_conv_is_not_described():
-    """Negative: pooling + ReLU has a reduction (max) but no multiply-accumulate and no conv."""
+def test_a_pool_is_described_as_a_pool_and_a_sum_not_at_all():
+    """A max pool + ReLU has a reduction (max) but no multiply-accumulate: described as a pool
+    (its ReLU the epilogue), 0 MACs. Negative: a ReLU + sum (no conv, matmul or pool): None."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, 8, 8, 8], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=1))
             out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    (pool,) = _primfuncs(pipeline.lower(bb.get(), HOST, fuse=True))
+    layer = tir_analysis.describe(pool)
+    assert (layer.kind, layer.channels, layer.kernel, layer.stride, layer.out_hw, layer.padded_hw) == (
+        "pool", 8, (3, 3), (2, 2), (4, 4), (10, 10))
+    assert (layer.block, layer.pad_block, len(layer.epilogue)) == ("pool_max", "pad_temp", 1)
+    assert tir_analysis.macs(tir_analysis.blocks(pool)) == 0
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(x))
+            out = bb.emit_output(relax.op.sum(y, axis=[2, 3]))
         bb.emit_func_output(out)
     funcs = _primfuncs(pipeline.lower(bb.get(), HOST, fuse=True))
     assert funcs
