@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmshuffle import pipeline, remote, runtime, targets, tuning
+from tvmshuffle import bench, pipeline, remote, runtime, targets, tuning
 from tvmshuffle.records import (RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, records_dir_for, records_key,
-                                write_target_json)
+                                set_aside, write_target_json)
 from tvmshuffle.errors import UserError
 
 from conftest import free_port, kill_group, rpc_tracker_and_server, wait_exit
@@ -169,7 +169,7 @@ def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
     try:
         assert ms_runner is runner  # local
         ev = runner.evaluator_config
-        assert (ev.number, ev.repeat, ev.min_repeat_ms, ev.enable_cpu_cache_flush) == (2, 3, 7, False)
+        assert (ev.number, ev.repeat, ev.min_repeat_ms, ev.enable_cpu_cache_flush) == (2, 3, 7, True)  # cold
         assert runner.timeout_sec == 13
     finally:
         runner.pool.shutdown()
@@ -188,10 +188,39 @@ def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
         runner.pool.shutdown(wait=False)
 
 
-def test_measurement_defaults_are_unchanged(tmp_path):
-    config = tuning.TuneConfig(trials=2, records_dir=tmp_path)
-    assert (config.number, config.repeat, config.min_repeat_ms) == (3, 1, 100)
-    assert (config.builder_timeout_sec, config.runner_timeout_sec) == (60.0, 60.0)
+def test_measurement_defaults_follow_the_cache(tmp_path):
+    """Cold (the default): one call a sample, each after the flush, 10 samples; warm:
+    MetaSchedule's 3 runs for at least 100 ms; a flag given wins over either."""
+    cold = tuning.TuneConfig(trials=2, records_dir=tmp_path)
+    assert (cold.cache, cold.number, cold.repeat, cold.min_repeat_ms) == ("cold", 1, 10, 0)
+    assert (cold.builder_timeout_sec, cold.runner_timeout_sec) == (60.0, 60.0)
+    warm = tuning.TuneConfig(trials=2, records_dir=tmp_path, cache="warm", repeat=2)
+    assert (warm.number, warm.repeat, warm.min_repeat_ms) == (3, 2, 100)
+    runner, _ = tuning.make_runner(warm)
+    try:
+        assert runner.evaluator_config.enable_cpu_cache_flush is False
+    finally:
+        runner.pool.shutdown()
+    with pytest.raises(UserError, match="--cache"):
+        tuning.TuneConfig(trials=2, records_dir=tmp_path, cache="lukewarm")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_records_timed_warm_are_not_added_to_cold(tiny, tmp_path):
+    """Warm times are shorter than cold ones of the same kernel: a database mixing them would
+    rank by how each was timed. Tuning cold into warm records is refused, naming the flag, and
+    the records are left as they were; --cache warm adds to them."""
+    mod, preset, _, _ = tiny
+    rec = tmp_path / "rec"
+    tuning.tune(mod, preset, tuning.TuneConfig(trials=2, records_dir=rec, cache="warm", **FAST))
+    assert json.loads((rec / TARGET_FILE).read_text())["cache"] == "warm"
+    before = (rec / RECORD_FILE).read_text()
+    with pytest.raises(UserError, match=r"--cache cold: .* timed warm; give --cache warm"):
+        tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
+    assert (rec / RECORD_FILE).read_text() == before
+    res = tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, cache="warm", **FAST))
+    assert res.trials_total >= 4
 
 
 @pytest.mark.parametrize("option,value,flag", [
@@ -264,6 +293,12 @@ def test_records_of_another_cpu_are_set_aside_with_a_note(tiny, tuned_local, tmp
     for needle in (f"tuned on {stored['target']['mcpu']}", f"this CPU is {ours}", "set aside",
                    "tvmshuffle tune", "--force-records"):
         assert needle in note, (needle, note)
+
+    # what bench's tuned rows say instead of "0 kernels tuned"
+    why = f"tuned on {stored['target']['mcpu']}, this CPU is {ours}"
+    assert set_aside(rec, preset) == why
+    assert bench.tuned_note(0, rec, set_aside(rec, preset)) == f"records set aside: {why} ({rec})"
+    assert set_aside(rec, preset, force=True) is None and set_aside(tuned_local.records_dir, preset) is None
 
     out, forced = _run(mod, preset, rec, x, force=True)
     assert forced >= 1

@@ -147,7 +147,7 @@ def cmd_tune(args) -> int:
                                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                                device_wait_sec=args.rpc_timeout, trials_per_batch=args.trials_per_batch,
                                seed_schedules=args.schedules, threads=args.threads,
-                               affinity=args.affinity, **measure)
+                               affinity=args.affinity, cache=args.cache, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
     records = Path(args.tuning_records) if args.tuning_records else records_dir_for(
@@ -406,10 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", help="records dir (default tuning_logs/<target>/<model>[-unfused])")
     p.add_argument("--no-fuse", action="store_true", help="tune the unfused module (for comparison)")
     p.add_argument("--trials-per-batch", type=int, default=64, help="candidates measured per batch")
-    p.add_argument("--number", type=int, help="runs averaged per measurement of a candidate (default 3)")
-    p.add_argument("--repeat", type=int, help="measurements per candidate (default 1)")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                   help="time each candidate as the model runs it: its weights and output evicted from the "
+                        "caches before each call (cold, the default), or repeated on hot caches (warm: "
+                        "MetaSchedule's default)")
+    p.add_argument("--number", type=int, help="runs averaged per measurement of a candidate (default: cold 1, warm 3)")
+    p.add_argument("--repeat", type=int, help="measurements per candidate (default: cold 10, warm 1)")
     p.add_argument("--min-repeat-ms", type=int, metavar="MS",
-                   help="run a measurement for at least MS ms, raising --number (default 100)")
+                   help="run a measurement for at least MS ms, raising --number (default: cold 0, warm 100)")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="seconds each candidate's build, and its run, may take (default 60)")
     p.add_argument("--search-population", type=int, metavar="N",

@@ -113,6 +113,24 @@ def _preset_isa(preset: targets.TargetPreset) -> str:
         return _isa(_target_dict(preset))
 
 
+def _other_cpu(theirs: dict, current: dict) -> str:
+    return f"tuned on {theirs.get('mcpu', 'generic')}, this CPU is {current.get('mcpu', 'generic')}"
+
+
+def set_aside(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> str | None:
+    """Why a build for ``preset`` sets the records of ``records_dir`` aside (``"tuned on
+    znver4, this CPU is rocketlake"``), or None when it applies them (or refuses them: see
+    :func:`check_target`)."""
+    stored = read_target_json(Path(records_dir))
+    if force or stored is None:
+        return None
+    theirs, current = stored["target"], _target_dict(preset)
+    if _codegen_part(theirs) == _codegen_part(current) or _isa(theirs, stored) != _preset_isa(preset) \
+            or _codegen_part({**theirs, "mcpu": None}) != _codegen_part({**current, "mcpu": None}):
+        return None
+    return _other_cpu(theirs, current)
+
+
 def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
                   force: bool = False) -> bool:
     """Whether records in ``records_dir`` may be used for ``preset``.
@@ -140,7 +158,7 @@ def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
                 f"{_target_text(_codegen_part(current))}; refusing to {purpose} them "
                 "(MetaSchedule's database is not target-aware, apache/tvm#15549)"
             )
-        cpus = f"tuned on {theirs.get('mcpu', 'generic')}, this CPU is {current.get('mcpu', 'generic')}"
+        cpus = _other_cpu(theirs, current)
         if force:
             log.warning("%s: records %s; applying them anyway (--force-records)", _shipped.display(records_dir), cpus)
             return True
@@ -155,17 +173,22 @@ def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
     return True
 
 
-def write_target_json(records_dir: Path, preset: targets.TargetPreset, seed_schedules: str | None = None) -> None:
-    """``target.json``: the target, its ISA, and ``seed_schedules`` — the hand schedules whose
-    own schedule is measured among the records for every kernel they fit (kept from the file
-    when None)."""
+def write_target_json(records_dir: Path, preset: targets.TargetPreset, seed_schedules: str | None = None,
+                      cache: str | None = None) -> None:
+    """``target.json``: the target, its ISA, ``seed_schedules`` — the hand schedules whose
+    own schedule is measured among the records for every kernel they fit — and ``cache``, how
+    the candidates were timed (``tune --cache``: cold or warm); each kept from the file when None."""
     import tvm
 
     data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
             "tvm": tvm.__version__}
-    seed_schedules = seed_schedules or (read_target_json(records_dir) or {}).get("seed_schedules")
+    stored = read_target_json(records_dir) or {}
+    seed_schedules = seed_schedules or stored.get("seed_schedules")
     if seed_schedules:
         data["seed_schedules"] = seed_schedules
+    cache = cache or stored.get("cache")
+    if cache:
+        data["cache"] = cache
     atomic_write(records_dir / TARGET_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
