@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import devices, frontend, pipeline, targets
-from .records import WORKLOAD_FILE, records_dir_for, records_key
+from .records import WORKLOAD_FILE, records_dir_for, records_key, set_aside
 from ._shipped import display
 from .errors import UserError
 from . import runtime
@@ -225,9 +225,12 @@ def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     return records_dir_for(preset.name, records_key(imported.name, fused, imported.input_shape), root)
 
 
-def tuned_note(tuned_kernels: int, records: Path) -> str:
-    """A tuned row's note: kernels the records scheduled, and the records by a path relative to
-    the current directory (``tuning_logs/…`` for the shipped ones: :func:`tvmshuffle._shipped.display`)."""
+def tuned_note(tuned_kernels: int, records: Path, aside: str | None = None) -> str:
+    """A tuned row's note: kernels the records scheduled, or why they were set aside (``aside``:
+    another CPU's), and the records by a path relative to the current directory
+    (``tuning_logs/…`` for the shipped ones: :func:`tvmshuffle._shipped.display`)."""
+    if aside:
+        return f"records set aside: {aside} ({display(records)})"
     return f"{tuned_kernels} kernels tuned ({display(records)})"
 
 
@@ -250,7 +253,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     except UserError as err:  # records for another target: say so in the row, go on
         row.note = str(err)
         return row, None
-    notes = [tuned_note(tuned_kernels, records)] if tuned else []
+    notes = [tuned_note(tuned_kernels, records, set_aside(records, preset, config.force_records))] if tuned else []
     if source != "none":
         notes.append(f"{hand_kernels} with hand schedules")
     row.note = ", ".join(notes)

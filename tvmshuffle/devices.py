@@ -121,6 +121,13 @@ class LocalDevice:
         return runtime.time_main(vm, self._data, repeat, number)
 
 
+def where(device, preset=None) -> str:
+    """Where timings were taken, for a report's heading: the device in full (:meth:`place`), its
+    threads when configured, and, for an emulated device, that its times are not ARM's."""
+    emulated = " (EMULATED under qemu on this host: not ARM timings)" if device.emulated else ""
+    return device.place(preset) + device.threads_note + emulated
+
+
 def open_device(tracker: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
                 threads: ThreadConfig | None = None, *, session_timeout: float = 600.0,
                 here_threads: int | None = None):

@@ -167,6 +167,7 @@ def profile_model(model: str, config, device, number: int = 10, repeat: int = 5)
     from pathlib import Path
 
     from . import pipeline, targets
+    from .devices import where
 
     with tempfile.TemporaryDirectory() as tmp:
         compiled = pipeline.compile_model(model, Path(tmp) / "model.so", config)
@@ -181,12 +182,7 @@ def profile_model(model: str, config, device, number: int = 10, repeat: int = 5)
             device.run(vm, compiled.model.random_input())
             total = float(np.median(device.time(vm, repeat, number)))
             vm = library = None
-    return Profile(compiled.model.name, _where(device), total, rows)
-
-
-def _where(device) -> str:
-    emulated = " (EMULATED under qemu on this host: not ARM timings)" if device.emulated else ""
-    return device.name + device.threads_note + emulated
+    return Profile(compiled.model.name, where(device, compiled.target), total, rows)
 
 
 def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5,
@@ -194,7 +190,7 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
     """Per-kernel times of a host ``.so`` (kernel shapes from its ``model.so.json``) on this CPU:
     ``device`` (a :class:`~tvmshuffle.devices.LocalDevice`, not yet entered), else one whose pool
     ``threads`` (a :class:`~tvmshuffle.runtime.ThreadConfig`) configures."""
-    from .devices import LocalDevice
+    from .devices import LocalDevice, where
     from .frontend import DEFAULT_INPUT_SHAPE
 
     device = device or LocalDevice(threads)
@@ -207,7 +203,7 @@ def profile_library(path, kernels_list: list[Kernel] | None = None, number: int 
         shape = kernels_list[0].inputs[0] if kernels_list else list(DEFAULT_INPUT_SHAPE)
         device.run(vm, np.random.default_rng(0).standard_normal(shape).astype("float32"))
         total = float(np.median(device.time(vm, repeat, number)))
-    return Profile(str(path), _where(device), total, rows)
+    return Profile(str(path), where(device), total, rows)
 
 
 def markdown(profile: Profile) -> str:

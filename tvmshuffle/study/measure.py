@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import schedules, targets, tuning
+from .. import devices
 from ..devices import open_device
 from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
@@ -34,11 +35,6 @@ def _open_device(config: StudyConfig, here_threads: int | None = None):
     return open_device(config.rpc_tracker, config.rpc_key, config.rpc_timeout,
                        ThreadConfig(config.threads, config.affinity), session_timeout=config.session_timeout,
                        here_threads=here_threads)
-
-
-def _where(device, preset: targets.TargetPreset) -> str:
-    emulated = " (EMULATED under qemu: not ARM timings)" if device.emulated else ""
-    return device.place(preset) + device.threads_note + emulated
 
 
 # --------------------------------------------------------------------------- schedules
@@ -287,7 +283,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
     here = config.threads or int(os.environ.get("TVM_NUM_THREADS") or 0) or os.cpu_count() or 1
     with _open_device(config, here) as device:
         threads = device.threads if device.is_here else None  # the report's: this CPU's pool
-        where = _where(device, preset)
+        where = devices.where(device, preset)
         if device.emulated:
             peak = Peak(None, f"{config.rpc_key} is an emulated device (qemu on this host): its speed says "
                                 "nothing of an ARM core's, so no peak is given")
@@ -321,7 +317,7 @@ def run_study(config: StudyConfig, layers: list[Layer] | None = None) -> StudyRe
             variants = {"default": (layer.func, "as lowered", "missing"), "hand": hand, "tuned": tuned_variant}
             with _open_device(config, here) as device:  # a session a layer
                 rows += _measure_layer(layer, variants, device, preset, config, config.seed + i)
-                where = _where(device, preset)
+                where = devices.where(device, preset)
         bar.close()
     for row in rows:
         _fill_rates(row, peak, bandwidth)
