@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Re-create the shipped host records in tuning_logs/host/ (fused: what `compile --tuning-records`
-# uses; unfused: the comparison in scripts/bench_fusion.py and `tvmshuffle bench`).
-# Same budget for both, so that fused vs unfused compares like with like. Resumes if interrupted.
+# Re-create the shipped host records in tuning_logs/host/ for THIS CPU (fused: what `compile
+# --tuning-records` and `bench`'s tvm-tuned-fused use; unfused: bench's tvm-tuned-unfused).
+# Same budget for both, so that fused vs unfused compares like with like; every core measured
+# (--threads), the design space seeded with the hand schedules, candidates timed cold (the
+# defaults). Records of another CPU must be moved away first (tuning into them is refused).
+# Resumes if interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRIALS=${TRIALS:-800}
+TRIALS=${TRIALS:-400}
 BATCH=${BATCH:-32}
+THREADS=${THREADS:-$(nproc)}
 for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
   for fuse in "" "--no-fuse"; do
-    .venv/bin/tvmshuffle tune "$model" --target host --trials "$TRIALS" --trials-per-batch "$BATCH" $fuse
+    .venv/bin/tvmshuffle tune "$model" --target host --trials "$TRIALS" --trials-per-batch "$BATCH" \
+      --threads "$THREADS" $fuse
   done
 done
