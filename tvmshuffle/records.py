@@ -117,18 +117,23 @@ def _other_cpu(theirs: dict, current: dict) -> str:
     return f"tuned on {theirs.get('mcpu', 'generic')}, this CPU is {current.get('mcpu', 'generic')}"
 
 
+def _only_the_cpu_differs(stored: dict, current: dict, preset: targets.TargetPreset) -> bool:
+    """Records (``stored``: their target.json) for another CPU of ``preset``'s ISA: the targets
+    differ in ``-mcpu`` alone."""
+    theirs = stored["target"]
+    return (_codegen_part(theirs) != _codegen_part(current) and _isa(theirs, stored) == _preset_isa(preset)
+            and _codegen_part({**theirs, "mcpu": None}) == _codegen_part({**current, "mcpu": None}))
+
+
 def set_aside(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> str | None:
     """Why a build for ``preset`` sets the records of ``records_dir`` aside (``"tuned on
     znver4, this CPU is rocketlake"``), or None when it applies them (or refuses them: see
     :func:`check_target`)."""
     stored = read_target_json(Path(records_dir))
-    if force or stored is None:
+    current = _target_dict(preset)
+    if force or stored is None or not _only_the_cpu_differs(stored, current, preset):
         return None
-    theirs, current = stored["target"], _target_dict(preset)
-    if _codegen_part(theirs) == _codegen_part(current) or _isa(theirs, stored) != _preset_isa(preset) \
-            or _codegen_part({**theirs, "mcpu": None}) != _codegen_part({**current, "mcpu": None}):
-        return None
-    return _other_cpu(theirs, current)
+    return _other_cpu(stored["target"], current)
 
 
 def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
@@ -149,9 +154,7 @@ def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
         )
     theirs = stored["target"]
     if _codegen_part(theirs) != _codegen_part(current):
-        other_cpu_only = (purpose == "apply" and _isa(theirs, stored) == _preset_isa(preset)
-                          and _codegen_part({**theirs, "mcpu": None}) == _codegen_part({**current, "mcpu": None}))
-        if not other_cpu_only:
+        if not (purpose == "apply" and _only_the_cpu_differs(stored, current, preset)):
             raise UserError(
                 f"{records_dir}: records were tuned for target {stored.get('preset', '?')} "
                 f"{_target_text(_codegen_part(theirs))}, not for {preset.name} "

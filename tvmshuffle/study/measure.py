@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import schedules, targets, tuning
-from .. import devices
+from .. import devices, schedules, targets, tuning
 from ..devices import open_device
 from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, default_root, records_dir_for
 from .._shipped import display
