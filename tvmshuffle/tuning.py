@@ -594,7 +594,7 @@ def _as_lowered(sch) -> None:
 
 
 def _seed_record(context, preset, source: str | None, database, builder, runner, stat: TaskStat,
-                 again: float | None = None) -> int:
+                 again: bool = False) -> int:
     """Build, measure and commit a task's first record, so that its best record is never slower
     than what a build without records would run: its hand schedule (``source``: the hand design
     space with its own tile choices), or, where no hand schedule fits (``source`` None), TVM's
@@ -604,8 +604,8 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     3.5-6.5 ms after one trial; whether the candidates or the machine were slow is not known).
     Returns the trials it committed (1, or 0 when the schedule did not build or run); a run
     that timed out is the device's fault and stops the tune (:class:`_Stop`). ``again``: the
-    task's best time before (us) when the seed is measured a second time, after the search
-    (:func:`_remeasure_hand_seeds`)."""
+    seed measured a second time, after the search (:func:`_remeasure_hand_seeds`): the task's
+    best time is then the lower of the two."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
@@ -649,15 +649,16 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, result.run_secs, context.target, args_info))
     secs = _mean_secs(result.run_secs)
+    us = secs * 1e6 if secs is not None else None
+    before = stat.best_us
     stat.trials += 1
-    if secs is not None:
-        stat.best_us = secs * 1e6 if again is None or stat.best_us is None else min(stat.best_us, secs * 1e6)
-    if again is None:
-        log.info("%s: seeded with %s: %.1f us", stat.name, what, secs * 1e6 if secs is not None else float("nan"))
-    else:
+    if us is not None:
+        stat.best_us = min(before, us) if again and before is not None else us
+    if again:
         log.info("%s: %s measured again after the search: %.1f us (best record before: %s)", stat.name, what,
-                 secs * 1e6 if secs is not None else float("nan"),
-                 f"{again:.1f} us" if again is not None else "none")
+                 us if us is not None else float("nan"), f"{before:.1f} us" if before is not None else "none")
+    else:
+        log.info("%s: seeded with %s: %.1f us", stat.name, what, us if us is not None else float("nan"))
     return 1
 
 
@@ -972,10 +973,9 @@ def _remeasure_hand_seeds(contexts, stats, seeded, preset, config: TuneConfig, d
     for i in seeded:
         if tracker.interrupted.is_set():
             raise KeyboardInterrupt
-        before = stats[i].best_us
         try:
             measured += _seed_record(contexts[i], preset, config.seed_schedules, database, builder, runner,
-                                     stats[i], again=before)
+                                     stats[i], again=True)
         except _Stop as stop:
             tracker.failure = str(stop)
             raise
