@@ -25,6 +25,9 @@ from tvmshuffle.ops import emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
 
 HOST = targets.resolve("host")
 AARCH64 = targets.resolve("aarch64")
+#: explicit x86 CPUs: one without AVX-512 (its code runs on any x86-64 with AVX2) and one with it
+X86_AVX2 = targets.resolve('{"kind":"llvm","mtriple":"x86_64-linux-gnu","mcpu":"haswell"}')
+X86_AVX512 = targets.resolve('{"kind":"llvm","mtriple":"x86_64-linux-gnu","mcpu":"skylake-avx512"}')
 
 
 # name (kind_...) → (data shape, weight shape, operator params, epilogue)
@@ -89,11 +92,11 @@ def _run(executable, data):
     return vm["main"](tvm.runtime.tensor(data)).numpy()
 
 
-def _hand_matches_reference_and_none(mod, data, expected, run=_run):
+def _hand_matches_reference_and_none(mod, data, expected, run=_run, preset=HOST):
     """Built with its one hand schedule (the default) and with ``--schedules none``: the hand
     build matches ``expected`` and, closer, the none build."""
-    hand, _, n_hand = pipeline.build(mod, HOST)
-    none, _, n_none = pipeline.build(mod, HOST, schedule_source="none")
+    hand, _, n_hand = pipeline.build(mod, preset)
+    none, _, n_none = pipeline.build(mod, preset, schedule_source="none")
     assert (n_hand, n_none) == (1, 0)
     out_hand, out_none = run(hand, data), run(none, data)
     scale = np.abs(expected).max()
@@ -186,18 +189,31 @@ def test_pool_schedule_builds_for_aarch64_neon(name, tmp_path):
 
 
 def test_isa_choice_per_target():
-    assert schedules.isa_for(HOST).name == "avx2" and schedules.isa_for(HOST).lanes == 8
+    assert schedules.isa_for(HOST).name in ("avx2", "avx512") and schedules.isa_for(HOST).lanes == 8
     assert schedules.isa_for(AARCH64).name == "neon" and schedules.isa_for(AARCH64).lanes == 4
 
 
-@pytest.mark.parametrize("machine, isa", [("aarch64", "neon"), ("arm64", "neon"), ("x86_64", "avx2"),
-                                          ("AMD64", "avx2")])
+@pytest.mark.parametrize("mcpu, isa", [("skylake-avx512", "avx512"), ("icelake-server", "avx512"),
+                                       ("znver4", "avx512"), ("haswell", "avx2"), ("znver1", "avx2"),
+                                       (None, "avx2")])
+def test_x86_isa_follows_the_targets_cpu(mcpu, isa):
+    """AVX-512 where the target's ``-mcpu`` has AVX-512F (LLVM's feature table), else AVX2 (also
+    for a target naming no CPU): the hand schedules reason from the target, not this machine."""
+    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", **({"mcpu": mcpu} if mcpu else {})}
+    chosen = schedules.isa_for(targets.resolve(json.dumps(target)))
+    assert chosen.name == isa and chosen.lanes == 8
+    assert (chosen.wide is not None and chosen.wide.lanes == 16 and chosen.wide.registers == 32) == (isa == "avx512")
+
+
+@pytest.mark.parametrize("machine, isa", [("aarch64", "neon"), ("arm64", "neon"), ("x86_64", "x86"),
+                                          ("AMD64", "x86")])
 def test_host_isa_is_this_machines(monkeypatch, machine, isa):
-    """``host`` has no mtriple: its ISA is the machine's (an ARM host got AVX2 before)."""
+    """``host`` has no mtriple: its ISA is the machine's (an ARM host got AVX2 before); on x86
+    AVX2 or AVX-512, as this CPU has it."""
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    assert schedules.isa_for(HOST).name == isa
+    assert schedules.isa_for(HOST).name in (("avx2", "avx512") if isa == "x86" else (isa,))
     assert schedules.isa_for(AARCH64).name == "neon"  # an mtriple still decides
     x86 = targets.resolve('{"kind":"llvm","mtriple":"x86_64-linux-gnu"}')
     assert schedules.isa_for(x86).name == "avx2"
@@ -236,6 +252,41 @@ def test_the_tile_avoids_vectors_loaded_in_pieces():
     assert chosen["pw_v2_7"][:2] == ("channel", 8)  # 232 channels x 49 pixels
     mod, _ = _lowered((1, 18, 7, 7), (9, 9, 1, 1), dict(shuffle_groups=2), "bias_relu")
     assert pointwise._choose(schedules.describe(_fused_funcs(mod)[0]), avx2)[:2] == ("pixel", 7)
+
+
+def test_avx512_takes_zmm_where_8_lanes_do_not_fill_whole_vectors():
+    """On AVX-512 the tile is AVX2's where 8 lanes fill whole vectors (232 channels x 49 pixels:
+    8-wide channel vectors) and a zmm one where they do not (116 channels x 196 pixels: 14 of 16
+    lanes, against AVX2's 4-wide vectors)."""
+    (pointwise,) = [m for m in schedules.load("hand") if m.NAME == "pointwise"]
+    avx2, avx512 = schedules.ISAS["avx2"], schedules.ISAS["avx512"]
+    for name, want in (("pw_half_lanes", ("pixel", 14)), ("pw_v2_7", ("channel", 8))):
+        mod, _ = _lowered(*LAYERS[name])
+        layer = schedules.describe(_fused_funcs(mod)[0])
+        tile = pointwise._choose(layer, avx512)
+        assert tile[:2] == want and tile[2] * tile[3] <= (30 if want[1] > 8 else 14), (name, tile)
+        if want[1] == 8:  # negative: whole 8-lane vectors keep AVX2's tile
+            assert tile == pointwise._choose(layer, avx2)
+
+
+@pytest.mark.parametrize("preset", [X86_AVX2, X86_AVX512], ids=["avx2", "avx512"])
+def test_pointwise_on_either_x86_isa_matches_the_reference(preset, tmp_path):
+    """The 116-channel 14x14 layer built for an AVX2 CPU (4-wide vectors) and an AVX-512 one
+    (zmm): the AVX-512 code has zmm FMAs; each matches NumPy and the none build where this CPU
+    can run it (every x86-64 here runs the AVX2 build)."""
+    from tvm.target import codegen
+
+    data_shape, weight_shape, params, epilogue = LAYERS["pw_half_lanes"]
+    mod, reference = _lowered(data_shape, weight_shape, params, epilogue, preset=preset)
+    hand, _, n_hand = pipeline.build(mod, preset)
+    assert n_hand == 1
+    asm = "\n".join(m.inspect_source("asm") for m in pipeline._llvm_modules(hand.mod))
+    has_zmm_fma = any("vfmadd" in line and "zmm" in line for line in asm.splitlines())
+    assert has_zmm_fma == (preset is X86_AVX512)
+    if preset is X86_AVX512 and not codegen.llvm_cpu_has_features(["avx512f"], targets.tvm_target(HOST)):
+        pytest.skip("this CPU has no AVX-512F: the AVX-512 build is checked for zmm code above, not run")
+    data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
+    _hand_matches_reference_and_none(mod, data, reference(data), preset=preset)
 
 
 # --------------------------------------------------------------------------- what is (not) touched
@@ -400,7 +451,7 @@ def test_a_bad_schedules_flag_is_one_line(command, value, tmp_path):
 # --------------------------------------------------------------------------- hand schedules + records
 
 
-def _records(path: Path, kernel, func, traces, seeded: bool) -> Path:
+def _records(path: Path, kernel, func, traces, seeded: bool, isa: str | None = None) -> Path:
     """A records dir for this CPU holding one kernel's records: (trace, seconds) each."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -412,7 +463,7 @@ def _records(path: Path, kernel, func, traces, seeded: bool) -> Path:
     for trace, secs in traces:
         db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs], target,
                                                          ms.arg_info.ArgInfo.from_prim_func(func)))
-    meta = {"preset": "host", "target": json.loads(str(target)), "isa": schedules.isa_for(HOST).name}
+    meta = {"preset": "host", "target": json.loads(str(target)), "isa": isa or schedules.isa_for(HOST).name}
     if seeded:  # as `tvmshuffle tune` writes it after measuring the hand schedules
         meta["seed_schedules"] = "hand"
     (path / TARGET_FILE).write_text(json.dumps(meta))
@@ -452,9 +503,12 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
         ((1e-6, 9e-6, True, "hand"), (["hand"], 1, 0)),  # the hand schedule's record is faster
         ((5e-6, 1e-6, False, "hand"), (["hand"], 0, 1)),  # records without the hand schedule's time
         ((5e-6, 1e-6, True, "none"), (["other"], 1, 0)),  # no hand schedules: the records' best
+        ((5e-6, 1e-6, "other isa", "hand"), (["hand"], 0, 1)),  # they measured another ISA's hand schedules
     ]
+    other_isa = "avx2" if schedules.isa_for(HOST).name == "avx512" else "avx512"
     for i, ((hand_s, other_s, seeded, source), want) in enumerate(cases):
-        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)], seeded)
+        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)],
+                           bool(seeded), isa=other_isa if seeded == "other isa" else None)
         scheduled, tuned, hand = pipeline.schedule(mod, HOST, records, source)
         assert (carried(scheduled), tuned, hand) == want, (i, source)
     # negative: the check can tell them apart; no records, no hand schedules: TVM's own

@@ -104,6 +104,14 @@ def _isa(target: dict, stored: dict | None = None) -> str:
     return "avx2" if triple.startswith(("x86_64", "amd64", "i686")) else triple
 
 
+#: vector ISAs of one instruction set (records of one may serve another's CPU: see set_aside)
+_ARCH = {"avx2": "x86-64", "avx512": "x86-64", "neon": "aarch64"}
+
+
+def _arch(isa: str) -> str:
+    return _ARCH.get(isa, isa)
+
+
 def _preset_isa(preset: targets.TargetPreset) -> str:
     from . import schedules
 
@@ -121,7 +129,7 @@ def _only_the_cpu_differs(stored: dict, current: dict, preset: targets.TargetPre
     """Records (``stored``: their target.json) for another CPU of ``preset``'s ISA: the targets
     differ in ``-mcpu`` alone."""
     theirs = stored["target"]
-    return (_codegen_part(theirs) != _codegen_part(current) and _isa(theirs, stored) == _preset_isa(preset)
+    return (_codegen_part(theirs) != _codegen_part(current) and _arch(_isa(theirs, stored)) == _arch(_preset_isa(preset))
             and _codegen_part({**theirs, "mcpu": None}) == _codegen_part({**current, "mcpu": None}))
 
 
@@ -310,7 +318,8 @@ class Records:
     db: object
     #: the hand schedules (``"hand"`` or a directory) whose own schedule ``tune`` measured and
     #: committed for every kernel they fit, so the best record is never slower than it; None:
-    #: records tuned without them (a build then lets the hand schedules go first)
+    #: records tuned without them, or with another ISA's (AVX2's on an AVX-512 CPU): a build
+    #: then lets the hand schedules go first
     seeded_with: str | None
 
 
@@ -330,7 +339,13 @@ def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = 
 
             shutil.rmtree(db_dir, ignore_errors=True)
     stored = read_target_json(records_dir) or {}
-    return Records(records_dir, database, stored.get("seed_schedules"))
+    seeded_with = stored.get("seed_schedules")
+    isa = _preset_isa(preset)
+    if seeded_with and _isa(stored["target"], stored) != isa:
+        log.info("%s: records seeded with the %s hand schedules; this build's are %s's, which they never "
+                 "measured: the hand schedules go first", _shipped.display(records_dir), _isa(stored["target"], stored), isa)
+        seeded_with = None
+    return Records(records_dir, database, seeded_with)
 
 
 def has_record(records: Records, func, preset: targets.TargetPreset, name: str = "main") -> bool:

@@ -61,20 +61,34 @@ class Isa:
     lanes: int  # fp32 lanes of one vector register
     registers: int  # architectural vector registers
     fma_units: int  # vector FMA instructions issued per cycle (typical core)
+    #: wider vectors the ISA also has (AVX-512's zmm), which a schedule may take where ``lanes``
+    #: cannot fill whole vectors (see ``ISAS``); None: none
+    wide: Isa | None = None
 
+
+#: AVX-512F's own registers: 32 zmm of 16 floats
+ZMM = Isa("zmm", lanes=16, registers=32, fma_units=2)
 
 #: The vector ISAs the hand schedules are written for.
 ISAS = {
-    # x86-64 with AVX2 + FMA: 16 ymm registers of 8 floats, 2 FMA pipes (Haswell .. Zen 4,
-    # whose AVX-512 runs on the same 2 x 256-bit datapaths).
+    # x86-64 with AVX2 + FMA: 16 ymm registers of 8 floats, 2 FMA pipes (Haswell .. Zen 3).
     "avx2": Isa("avx2", lanes=8, registers=16, fma_units=2),
+    # x86-64 with AVX-512F (Skylake-SP .. Sapphire Rapids, Ice/Rocket Lake, Zen 4): the schedules
+    # keep AVX2's 8-float vectors and take 16-float zmm vectors only where 8 lanes cannot fill
+    # whole vectors (pointwise.py: V2's 116-channel 14x14 convs, 4-float vectors under AVX2).
+    # Measured in the whole model, V2 1x on a Xeon (LLVM: rocketlake), interleaved runs of one
+    # process: 1 thread, AVX2 4.71 ms, zmm only there 3.82 ms, zmm for every schedule 4.27 ms;
+    # 2 threads, AVX2 3.19 ms, zmm only there 2.95 ms (each kernel alone is faster with zmm, the
+    # whole model is not: all-zmm lost most of the gain).
+    "avx512": Isa("avx512", lanes=8, registers=16, fma_units=2, wide=ZMM),
     # AArch64 Advanced SIMD: 32 q registers of 4 floats; 2 FMA pipes on Cortex-A7x/X cores.
     "neon": Isa("neon", lanes=4, registers=32, fma_units=2),
 }
 
 
 def isa_for(preset: targets.TargetPreset) -> Isa:
-    """The ISA the hand schedules use for ``preset``: NEON on AArch64, AVX2 on x86-64.
+    """The ISA the hand schedules use for ``preset``: NEON on AArch64; on x86-64 AVX-512 where
+    the target's CPU (its ``-mcpu``, by LLVM's feature table) has AVX-512F, else AVX2.
 
     A target without ``mtriple`` (``host``) generates code for this machine: its ISA is this
     machine's (``platform.machine()``).
@@ -84,8 +98,10 @@ def isa_for(preset: targets.TargetPreset) -> Isa:
         return ISAS["neon"]
     if not triple.startswith(("x86_64", "amd64", "i686")):
         raise UserError(f"--target {preset.name}: no hand schedules for {triple or 'this machine'} "
-                        "(AVX2 and NEON only)")
-    return ISAS["avx2"]
+                        "(AVX2, AVX-512 and NEON only)")
+    from tvm.target import codegen
+
+    return ISAS["avx512" if codegen.llvm_cpu_has_features(["avx512f"], targets.tvm_target(preset)) else "avx2"]
 
 
 def split_factors(sch, loop, inner: int, sample: bool):
