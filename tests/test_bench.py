@@ -149,6 +149,75 @@ def test_profile_kernels_sum_to_the_model(tmp_path):
     assert f"the kernels sum to {result.kernels_cold_ms:.3f} ms" in text.splitlines()[0]
 
 
+def test_a_kernel_emptied_does_nothing_and_the_others_are_untouched():
+    """``without_kernels``: the named kernel's body becomes a no-op (golden: the same PrimFunc,
+    body ``Evaluate(0)``), a ``_prepacked`` name is found by its lowered name, and every other
+    function is left as it was (negative case)."""
+    import tvm
+
+    from tvmshuffle import profile
+
+    preset = targets.resolve("host")
+    lowered = pipeline.lower(frontend.load(SMALL, SHAPE).mod, preset)
+    scheduled, _, _ = pipeline.schedule(lowered, preset)
+    prepacked = [gv.name_hint for gv, f in scheduled.functions_items() if gv.name_hint.endswith("_prepacked")]
+    plain = [gv.name_hint for gv, f in scheduled.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and not gv.name_hint.endswith("_prepacked")]
+    assert prepacked and plain
+    chosen = {prepacked[0].removesuffix("_prepacked"), plain[0]}
+    emptied = profile.without_kernels(scheduled, chosen)
+    for gv, func in scheduled.functions_items():
+        if gv.name_hint in (prepacked[0], plain[0]):
+            tvm.ir.assert_structural_equal(emptied[gv.name_hint], func.with_body(tvm.tirx.Evaluate(0)))
+            with pytest.raises(ValueError):
+                tvm.ir.assert_structural_equal(emptied[gv.name_hint], func)
+        else:
+            tvm.ir.assert_structural_equal(emptied[gv.name_hint], func)
+
+
+def test_kernel_groups_partition_the_kernels():
+    import tvm
+
+    from tvmshuffle import profile
+
+    lowered = pipeline.lower(frontend.load(SMALL, SHAPE).mod, targets.resolve("host"))
+    groups = profile.kernel_groups(lowered)
+    names = [n for group in groups.values() for n in group]
+    kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sorted(names) == sorted(kernels)  # each kernel in exactly one group
+    assert {"depthwise", "conv", "matmul", "pool", "other"} <= set(groups)
+    assert any(g.startswith("pointwise ") for g in groups)
+    assert groups["conv"] == ["fused_conv2d_add_relu"]  # the stem: dense 3x3 stride 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_profile_in_the_model_covers_every_group(tmp_path):
+    """``profile --in-model``: one row per kernel group with its kernels, calls and times alone
+    (summed from the per-kernel rows), its cost in the model and the VM alone; in the markdown
+    and the JSON (the figures themselves are a benchmark's business)."""
+    from tvmshuffle import devices, profile
+    from tvmshuffle.pipeline import CompileConfig
+
+    result = profile.profile(SMALL, CompileConfig(input_shape=SHAPE), devices.open_device(), number=2, repeat=2,
+                             in_the_model=True)
+    lowered = pipeline.lower(frontend.load(SMALL, SHAPE).mod, targets.resolve("host"))
+    assert sorted(g.group for g in result.in_model) == sorted(profile.kernel_groups(lowered))
+    assert sum(g.calls for g in result.in_model) == sum(k.kernel.calls for k in result.kernels)
+    assert sum(g.alone_ms for g in result.in_model) == pytest.approx(result.kernels_ms)
+    assert result.vm_only_ms > 0 and result.total_ms > 0
+    assert [g.in_model_ms for g in result.in_model] == sorted((g.in_model_ms for g in result.in_model), reverse=True)
+    text = profile.markdown(result).split("**In the model**")[1]
+    assert f"with every kernel emptied {result.vm_only_ms:.3f} ms" in text
+    for g in result.in_model:
+        assert f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} |" in text
+    as_json = result.as_dict()
+    assert {g["group"] for g in as_json["in_model"]} == {g.group for g in result.in_model}
+    assert as_json["vm_only_ms"] == result.vm_only_ms
+    assert "in_model" not in profile.profile(SMALL, CompileConfig(input_shape=SHAPE), devices.open_device(),
+                                             number=1, repeat=1).as_dict()  # only when asked
+
+
 def test_variants_are_timed_in_interleaved_rounds():
     """Rounds of consecutive runs, the order rotating, a settle run first: drift hits every
     variant alike."""

@@ -209,7 +209,7 @@ def cmd_profile(args) -> int:
         weights=args.weights, tuning_records=Path(args.tuning_records) if args.tuning_records else None,
         schedules=args.schedules, force_records=args.force_records)
     device = open_device(args.rpc_tracker, args.rpc_key, args.rpc_timeout, threads)
-    result = profile.profile(args.model, config, device, args.number, args.repeat)
+    result = profile.profile(args.model, config, device, args.number, args.repeat, args.in_model)
     print(json.dumps(result.as_dict(), indent=2) if args.json else profile.markdown(result))
     return 0
 
@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedules_arg(p)
     p.add_argument("--number", type=int, default=10, help="runs averaged per sample")
     p.add_argument("--repeat", type=int, default=5, help="samples (median taken)")
+    p.add_argument("--in-model", action="store_true",
+                   help="also what each group of kernels costs inside the whole model: the model rebuilt "
+                        "with the group's kernels emptied, timed against the whole (one build per group)")
     _add_rpc_args(p, "profile a device library on the device there")
     _add_thread_args(p, "here TVM_NUM_THREADS or every core; a device's pool as it is")
     p.add_argument("--json", action="store_true", help="print JSON")

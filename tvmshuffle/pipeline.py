@@ -67,6 +67,10 @@ class CompileResult:
     dumps: dict[str, Path] = field(default_factory=dict)
     #: the VM executable the library was exported from (e.g. to export its kernels alone)
     executable: object = None
+    #: the module after phase 2 (:func:`lower`: one unscheduled PrimFunc per kernel) and after
+    #: phase 4a (:func:`schedule`), e.g. to rebuild it with some kernels changed (``profile --in-model``)
+    lowered: object = None
+    scheduled: object = None
 
 
 def lower_passes(fuse: bool = True) -> list:
@@ -367,12 +371,13 @@ def compile_model(model: str, output: Path, config: CompileConfig) -> CompileRes
     start = time.perf_counter()
     imported = frontend.load(model, config.input_shape, config.weights)
     log.info("imported %s (%s), input %s", imported.name, imported.source, imported.input_shape)
-    mod = lower(imported.mod, preset, fuse=config.fuse)
-    mod, tuned, hand = schedule(mod, preset, records, config.schedules, config.force_records)
+    lowered = lower(imported.mod, preset, fuse=config.fuse)
+    mod, tuned, hand = schedule(lowered, preset, records, config.schedules, config.force_records)
     executable = codegen(mod, preset)
     path = export(executable, preset, output)
     write_metadata(path, model, config, preset, imported, mod)
     dumps = dump_code(mod, executable, path, config.dump_code, preset) if config.dump_code else {}
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
-    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported, dumps, executable)
+    return CompileResult(path, preset, count_kernels(mod), tuned, hand, seconds, imported, dumps, executable,
+                         lowered, mod)

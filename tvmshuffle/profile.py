@@ -11,6 +11,14 @@ before it, stays warm). In the whole model a kernel runs cold — the model's we
 in L2 — so the whole model minus the warm sum (the *gap*) splits into what the cold sum
 explains (memory traffic the kernel's schedule does not hide) and the rest (the VM's dispatch
 and allocations, thread-pool wake-ups).
+
+Timed alone, warm or cold, a kernel is not where the model runs it. ``--in-model``
+(:func:`in_model`) measures that directly: the model is rebuilt once per group of kernels
+(:func:`kernel_groups`: pointwise convs by output plane, depthwise convs, other convs, the
+matmul, pools, everything else) with that group's kernels emptied (:func:`without_kernels`: they
+take their arguments and do nothing), and once with every kernel emptied (the VM alone); all
+builds are timed in interleaved rounds, and what a group costs in the model is the whole model
+minus the model without it.
 """
 
 from __future__ import annotations
@@ -92,11 +100,30 @@ def time_kernels(library, kernels: list[Kernel], dev=None, number: int = 10, rep
 
 
 @dataclass
+class GroupCost:
+    """What one group of kernels (:func:`kernel_groups`) costs: timed alone, and in the model."""
+
+    group: str
+    kernels: list[str]
+    calls: int
+    alone_ms: float  # the group's kernels timed alone, warm, each × its calls
+    cold_ms: float | None  # the same, cold
+    in_model_ms: float  # the whole model minus the whole model with these kernels emptied
+
+    def as_dict(self) -> dict:
+        return {"group": self.group, "kernels": self.kernels, "calls": self.calls, "alone_ms": self.alone_ms,
+                "cold_ms": self.cold_ms, "in_model_ms": self.in_model_ms}
+
+
+@dataclass
 class Profile:
     model: str
     where: str
     total_ms: float  # whole model, one run (median)
     kernels: list[KernelTime]
+    #: ``--in-model``: each group's cost in the model, and the model with every kernel emptied
+    in_model: list[GroupCost] | None = None
+    vm_only_ms: float | None = None
 
     @property
     def kernels_ms(self) -> float:
@@ -117,9 +144,12 @@ class Profile:
         return self.total_ms - self.kernels_ms
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "where": self.where, "total_ms": self.total_ms,
-                "kernels_ms": self.kernels_ms, "kernels_cold_ms": self.kernels_cold_ms, "gap_ms": self.gap_ms,
-                "kernels": [k.as_dict() for k in self.kernels]}
+        found = {"model": self.model, "where": self.where, "total_ms": self.total_ms,
+                 "kernels_ms": self.kernels_ms, "kernels_cold_ms": self.kernels_cold_ms, "gap_ms": self.gap_ms,
+                 "kernels": [k.as_dict() for k in self.kernels]}
+        if self.in_model is not None:
+            found.update(in_model=[g.as_dict() for g in self.in_model], vm_only_ms=self.vm_only_ms)
+        return found
 
 
 def _kernels_of(path) -> list[Kernel]:
@@ -133,7 +163,90 @@ def _kernels_of(path) -> list[Kernel]:
     return [Kernel(**k) for k in meta["kernels"]]
 
 
-def profile(model: str, config, device, number: int = 10, repeat: int = 5) -> Profile:
+# --------------------------------------------------------------------------- in the model
+
+
+def kernel_groups(lowered) -> dict[str, list[str]]:
+    """The kernels (PrimFunc names) of a lowered module by kind: ``pointwise 14x14`` (by output
+    plane), ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool`` and ``other``
+    (concatenations, gathers, the global mean); in first-seen order."""
+    import tvm
+
+    from .tir_analysis import describe
+
+    groups: dict[str, list[str]] = {}
+    for gv, func in lowered.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        layer = describe(func)
+        if layer is None:
+            group = "other"
+        elif layer.kind == "pointwise":
+            group = f"pointwise {layer.out_hw[0]}x{layer.out_hw[1]}"
+        elif layer.kind == "other":  # a conv neither pointwise nor depthwise: dense, strided (the stem)
+            group = "conv"
+        else:  # depthwise, matmul, pool
+            group = layer.kind
+        groups.setdefault(group, []).append(gv.name_hint)
+    return groups
+
+
+#: what a schedule that folds a weight's repacking into the constants appends to a kernel's name
+_PREPACKED = "_prepacked"
+
+
+def without_kernels(mod, names):
+    """``mod`` (scheduled) with the kernels named ``names`` (their lowered names) emptied: each
+    takes its arguments and does nothing. Not a model any more (its outputs are garbage): what
+    :func:`in_model` times to tell what those kernels cost in the whole model."""
+    import tvm
+
+    names = set(names)
+    functions = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.removesuffix(_PREPACKED) in names:
+            func = func.with_body(tvm.tirx.Evaluate(0))
+        functions[gv] = func
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat: int = 5, number: int = 10,
+             rounds: int = 5) -> tuple[list[GroupCost], float, float]:
+    """Each kernel group's cost in the whole model (see the module docstring): ``compiled`` is
+    :func:`tvmshuffle.pipeline.compile_model`'s result, its variants exported into
+    ``directory``. Returns (groups, slowest first; the model with every kernel emptied; the
+    whole model), medians over ``rounds`` interleaved rounds of ``repeat`` × ``number`` runs."""
+    from pathlib import Path
+
+    from . import pipeline
+
+    groups = kernel_groups(compiled.lowered)
+    everything = [name for names in groups.values() for name in names]
+    variants = {"": compiled.scheduled, **{g: without_kernels(compiled.scheduled, n) for g, n in groups.items()},
+                None: without_kernels(compiled.scheduled, everything)}
+    vms = {}
+    for i, (group, mod) in enumerate(variants.items()):
+        device.step(f"building the model without its {group} kernels" if group else "building the model")
+        library = pipeline.export(pipeline.codegen(mod, compiled.target), compiled.target, Path(directory) / f"v{i}.so")
+        vms[group] = device.load_vm(library)
+    x = compiled.model.random_input()
+    times: dict = {group: [] for group in vms}
+    for _ in range(rounds):
+        for group, vm in vms.items():
+            device.run(vm, x)
+            times[group] += device.time(vm, repeat, number)
+    median = {group: float(np.median(t)) for group, t in times.items()}
+    by_name = {row.kernel.name.removesuffix(_PREPACKED): row for row in kernel_rows}
+    costs = []
+    for group, names in groups.items():
+        rows = [by_name[n] for n in names if n in by_name]
+        cold = [r.cold_total_ms for r in rows]
+        costs.append(GroupCost(group, names, sum(r.kernel.calls for r in rows), sum(r.total_ms for r in rows),
+                               None if None in cold else sum(cold), median[""] - median[group]))
+    return sorted(costs, key=lambda g: g.in_model_ms, reverse=True), median[None], median[""]
+
+
+def profile(model: str, config, device, number: int = 10, repeat: int = 5, in_the_model: bool = False) -> Profile:
     """Per-kernel times of ``model`` on ``device`` (:func:`tvmshuffle.devices.open_device`, not
     yet entered): a model by name or file, compiled with ``config`` (a
     :class:`~tvmshuffle.pipeline.CompileConfig`), or a ``.so`` from ``tvmshuffle compile``.
@@ -148,13 +261,14 @@ def profile(model: str, config, device, number: int = 10, repeat: int = 5) -> Pr
     from . import pipeline
 
     if str(model).endswith(".so"):
-        if device.is_here:
+        if device.is_here and not in_the_model:
             return profile_library(Path(model), number=number, repeat=repeat, device=device)
         model, config = pipeline.compiled_from(Path(model))
-    return profile_model(model, config, device, number, repeat)
+    return profile_model(model, config, device, number, repeat, in_the_model)
 
 
-def profile_model(model: str, config, device, number: int = 10, repeat: int = 5) -> Profile:
+def profile_model(model: str, config, device, number: int = 10, repeat: int = 5,
+                  in_the_model: bool = False) -> Profile:
     """Per-kernel times of ``model``, compiled with ``config`` for ``device``'s target, on
     ``device`` (this CPU or one behind a tracker; emulated devices: labelled).
 
@@ -162,6 +276,8 @@ def profile_model(model: str, config, device, number: int = 10, repeat: int = 5)
     alone, as a second library, and timed from that one (over RPC the time evaluator finds
     only functions at a module's root). On a device every step is bounded by its
     ``--rpc-timeout`` (:class:`~tvmshuffle.remote.Session`), its pool configured as it starts.
+    ``in_the_model``: also each kernel group's cost in the model (:func:`in_model`; one more
+    build per group, and the whole model's time is then the median of those interleaved rounds).
     """
     import tempfile
     from pathlib import Path
@@ -182,7 +298,10 @@ def profile_model(model: str, config, device, number: int = 10, repeat: int = 5)
             device.run(vm, compiled.model.random_input())
             total = float(np.median(device.time(vm, repeat, number)))
             vm = library = None
-    return Profile(compiled.model.name, where(device, compiled.target), total, rows)
+            groups = vm_only = None
+            if in_the_model:
+                groups, vm_only, total = in_model(compiled, rows, device, tmp, repeat, number)
+    return Profile(compiled.model.name, where(device, compiled.target), total, rows, groups, vm_only)
 
 
 def profile_library(path, kernels_list: list[Kernel] | None = None, number: int = 10, repeat: int = 5,
@@ -229,4 +348,24 @@ def markdown(profile: Profile) -> str:
             f"{k.kernel.macs / 1e6:.2f} | {k.median_ms:.4f} | {k.total_ms:.4f} | {k.gflops:.1f} | {k.share:.1%} "
             f"| {cold_cell} |"
         )
+    if profile.in_model is not None:
+        lines += ["", _in_model_markdown(profile)]
+    return "\n".join(lines)
+
+
+def _in_model_markdown(profile: Profile) -> str:
+    explained = sum(g.in_model_ms for g in profile.in_model) + profile.vm_only_ms
+    lines = [
+        f"**In the model** (`--in-model`: the model rebuilt with each group's kernels emptied, all builds "
+        f"timed in interleaved rounds): whole model {profile.total_ms:.3f} ms; with every kernel emptied "
+        f"{profile.vm_only_ms:.3f} ms (the VM: dispatch, allocations, calls); the groups' costs and the VM "
+        f"add up to {explained:.3f} ms",
+        "",
+        "| kernels | count | calls | alone, warm (ms) | alone, cold (ms) | in the model (ms) | share of the model |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in profile.in_model:
+        cold = "–" if g.cold_ms is None else f"{g.cold_ms:.3f}"
+        lines.append(f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} | {cold} | {g.in_model_ms:.3f} "
+                     f"| {g.in_model_ms / profile.total_ms:.0%} |")
     return "\n".join(lines)
