@@ -270,7 +270,7 @@ def test_avx512_takes_zmm_where_8_lanes_do_not_fill_whole_vectors():
 
 
 @pytest.mark.parametrize("preset", [X86_AVX2, X86_AVX512], ids=["avx2", "avx512"])
-def test_pointwise_on_either_x86_isa_matches_the_reference(preset, tmp_path):
+def test_pointwise_on_either_x86_isa_matches_the_reference(preset):
     """The 116-channel 14x14 layer built for an AVX2 CPU (4-wide vectors) and an AVX-512 one
     (zmm): the AVX-512 code has zmm FMAs; each matches NumPy and the none build where this CPU
     can run it (every x86-64 here runs the AVX2 build)."""
