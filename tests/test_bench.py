@@ -185,7 +185,7 @@ def test_kernel_groups_partition_the_kernels():
     names = [n for group in groups.values() for n in group]
     kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert sorted(names) == sorted(kernels)  # each kernel in exactly one group
-    assert {"depthwise", "conv", "matmul", "pool", "other"} <= set(groups)
+    assert {"depthwise", "conv", "matmul", "pool", "injective", "other"} <= set(groups)
     assert any(g.startswith("pointwise ") for g in groups)
     assert groups["conv"] == ["fused_conv2d_add_relu"]  # the stem: dense 3x3 stride 2
 

@@ -21,7 +21,7 @@ from tvm import relax
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.errors import UserError
 from tvmshuffle.records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE
-from tvmshuffle.ops import emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
+from tvmshuffle.ops import channel_shuffle_ref, emit_shuffle_gather, emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
 
 HOST = targets.resolve("host")
 AARCH64 = targets.resolve("aarch64")
@@ -186,6 +186,44 @@ def test_pool_schedule_matches_numpy_and_the_default_build(name):
 def test_pool_schedule_builds_for_aarch64_neon(name, tmp_path):
     mod = _pool_module(*POOLS[name], preset=AARCH64)
     _hand_builds_aarch64_elf(mod, tmp_path / "pool.so")
+
+
+#: name → (channels, height, width): V2's gather + concatenation at a plane that one vector
+#: covers (7x7), that takes a 49-float chunk (14x14), and one split into 64-float chunks (56x56)
+INJECTIVE = {"gather_concat_7": (16, 7, 7), "gather_concat_14": (24, 14, 14), "gather_concat_56": (8, 56, 56)}
+
+
+def _injective_module(channels, height, width, preset=HOST):
+    """concat(channel_shuffle(x, 2)[:, :C/2], relu(x)): one fused kernel of three stages."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, channels, height, width], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            half = emit_shuffle_gather(bb, x, shuffle_groups=2, channel_offset=0, count=channels // 2)
+            relu = bb.emit(relax.op.nn.relu(x))
+            out = bb.emit_output(relax.op.concat([half, relu], axis=1))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), preset, fuse=False)
+
+    def reference(data):
+        return np.concatenate([channel_shuffle_ref(data, 2)[:, :channels // 2], np.maximum(data, 0)], axis=1)
+
+    return mod, reference
+
+
+@pytest.mark.parametrize("name", sorted(INJECTIVE))
+def test_injective_schedule_matches_numpy_and_the_default_build(name):
+    mod, reference = _injective_module(*INJECTIVE[name])
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert layer.kind == "injective" and layer.blocks[-1] == "T_concat" and len(layer.blocks) == 3
+    data = np.random.default_rng(2).standard_normal((1, *INJECTIVE[name])).astype("float32")
+    _hand_matches_reference_and_none(mod, data, reference(data))
+
+
+def test_injective_schedule_builds_for_aarch64_neon(tmp_path):
+    mod, _ = _injective_module(*INJECTIVE["gather_concat_14"], preset=AARCH64)
+    _hand_builds_aarch64_elf(mod, tmp_path / "concat.so")
 
 
 def test_isa_choice_per_target():

@@ -15,7 +15,7 @@ and allocations, thread-pool wake-ups).
 Timed alone, warm or cold, a kernel is not where the model runs it. ``--in-model``
 (:func:`in_model`) measures that directly: the model is rebuilt once per group of kernels
 (:func:`kernel_groups`: pointwise convs by output plane, depthwise convs, other convs, the
-matmul, pools, everything else) with that group's kernels emptied (:func:`without_kernels`: they
+matmul, pools, concatenations and gathers, everything else) with that group's kernels emptied (:func:`without_kernels`: they
 take their arguments and do nothing), and once with every kernel emptied (the VM alone); all
 builds are timed in interleaved rounds, and what a group costs in the model is the whole model
 minus the model without it.
@@ -168,8 +168,8 @@ def _kernels_of(path) -> list[Kernel]:
 
 def kernel_groups(lowered) -> dict[str, list[str]]:
     """The kernels (PrimFunc names) of a lowered module by kind: ``pointwise 14x14`` (by output
-    plane), ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool`` and ``other``
-    (concatenations, gathers, the global mean); in first-seen order."""
+    plane), ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool``, ``injective``
+    (concatenations, gathers) and ``other`` (the global mean); in first-seen order."""
     import tvm
 
     from .tir_analysis import describe
@@ -185,7 +185,7 @@ def kernel_groups(lowered) -> dict[str, list[str]]:
             group = f"pointwise {layer.out_hw[0]}x{layer.out_hw[1]}"
         elif layer.kind == "other":  # a conv neither pointwise nor depthwise: dense, strided (the stem)
             group = "conv"
-        else:  # depthwise, matmul, pool
+        else:  # depthwise, matmul, pool, injective
             group = layer.kind
         groups.setdefault(group, []).append(gv.name_hint)
     return groups

@@ -2,7 +2,7 @@
 
 The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
 with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
-``depthwise.py``, ``stem.py``, ``matmul.py``, ``pool.py``), so that a user studying them edits plain files; this module is the registry
+``depthwise.py``, ``stem.py``, ``matmul.py``, ``pool.py``, ``injective.py``), so that a user studying them edits plain files; this module is the registry
 that loads them and the glue to the compiler:
 
 * :func:`describe` (of :mod:`tvmshuffle.tir_analysis`, named here too) reads a fused PrimFunc

@@ -9,7 +9,7 @@ One place for what ``inspect``/``profile`` (:mod:`tvmshuffle.kernels`), the hand
 * :func:`describe`: a conv kernel — the fused ``shuffle_group_conv2d`` or LegalizeOps'
   ``conv2d_nchw`` / ``group_conv2d_nchw`` — as a :class:`ConvLayer` (kind, stride, groups,
   shuffle, epilogue), a classifier's matmul as a :class:`MatmulLayer`, a pool as a
-  :class:`PoolLayer`, anything else None;
+  :class:`PoolLayer`, a concatenation or gather as an :class:`InjectiveLayer`, anything else None;
 * :func:`epilogue_name`, :func:`activation_param`, :func:`min_bytes`: the study's readings
   (epilogue labels, the activation a conv reads, minimum traffic);
 * :func:`buffer_shape`, :func:`dtype_bytes`, :func:`walk`: the small helpers under them.
@@ -96,6 +96,16 @@ class PoolLayer:
 
 #: LegalizeOps' reduction block of a max / average pool
 POOL_BLOCKS = ("pool_max", "pool_sum")
+
+
+@dataclass
+class InjectiveLayer:
+    """A kernel of data movement and elementwise math only (no reduction) writing a 4-D NCHW
+    tensor: a concatenation, V2's shuffle gather + concatenation, a lone add or ReLU."""
+
+    out_shape: tuple[int, int, int, int]
+    blocks: list[str]  # its stages in order; the last writes the output
+    kind: str = "injective"
 
 
 # --------------------------------------------------------------------------- blocks
@@ -248,11 +258,23 @@ def _describe_pool(stages, names) -> PoolLayer | None:
     )
 
 
-def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | None:
+def _describe_injective(stages, names) -> InjectiveLayer | None:
+    import tvm
+
+    if any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in stages for iv in b.iter_vars):
+        return None
+    last = stages[-1]
+    if len(last.writes) != 1 or len(last.writes[0].source.shape) != 4 or len(last.iter_vars) != 4:
+        return None
+    return InjectiveLayer(tuple(buffer_shape(last.writes[0].source)), names)
+
+
+def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
     LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
     :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
-    of a max / average pool (kind ``"pool"``), or None.
+    of a max / average pool (kind ``"pool"``), the :class:`InjectiveLayer` of a kernel with no
+    reduction writing a 4-D tensor (kind ``"injective"``: concatenations, gathers), or None.
 
     Only a lowered, unscheduled PrimFunc is described: its stages are the root's children
     (``blocks(func, nested=False)``), a padding stage at most before the conv, the epilogue after.
@@ -265,6 +287,8 @@ def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | None:
         return _describe_matmul(func, stages, names)
     if any(n in POOL_BLOCKS for n in names):
         return _describe_pool(stages, names)
+    if stages and not any(n in CONV_BLOCKS for n in names):
+        return _describe_injective(stages, names)
     conv_name = next((n for n in CONV_BLOCKS if n in names), None)
     if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
