@@ -221,6 +221,25 @@ def test_injective_schedule_matches_numpy_and_the_default_build(name):
     _hand_matches_reference_and_none(mod, data, reference(data))
 
 
+def test_an_injective_kernel_with_two_outputs_is_left_alone():
+    """Negative: V2's unfused concat + shuffle + split is one kernel writing two outputs; its
+    stages cannot all be inlined into one, so it is not described (TVM's own lowering serves)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 8, 7, 7], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            both = bb.emit(relax.op.concat([x, relax.op.nn.relu(x)], axis=1))
+            parts = bb.emit(relax.op.split(both, 2, axis=1))
+            out = bb.emit_output(relax.Tuple([bb.emit(relax.TupleGetItem(parts, i)) for i in range(2)]))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), HOST, fuse=False)
+    funcs = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1 and schedules.describe(funcs[0]) is None
+    after, n = schedules.apply(mod, HOST, "hand")
+    assert n == 0
+    tvm.ir.assert_structural_equal(after, mod)
+
+
 def test_injective_schedule_builds_for_aarch64_neon(tmp_path):
     mod, _ = _injective_module(*INJECTIVE["gather_concat_14"], preset=AARCH64)
     _hand_builds_aarch64_elf(mod, tmp_path / "concat.so")

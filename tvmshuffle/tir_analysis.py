@@ -258,13 +258,18 @@ def _describe_pool(stages, names) -> PoolLayer | None:
     )
 
 
-def _describe_injective(stages, names) -> InjectiveLayer | None:
+def _describe_injective(func, stages, names) -> InjectiveLayer | None:
+    """No reduction anywhere, one output (written by the last stage, 4-D): the stages before it
+    write only the function's own buffers, so they can be inlined into it."""
     import tvm
 
     if any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in stages for iv in b.iter_vars):
         return None
+    params = {getattr(p, "name", None) for p in func.params}
+    writers = [b for b in stages if any(w.source.name in params for w in b.writes)]
     last = stages[-1]
-    if len(last.writes) != 1 or len(last.writes[0].source.shape) != 4 or len(last.iter_vars) != 4:
+    if writers != [last] or len(last.writes) != 1 or len(last.writes[0].source.shape) != 4 \
+            or len(last.iter_vars) != 4:
         return None
     return InjectiveLayer(tuple(buffer_shape(last.writes[0].source)), names)
 
@@ -288,7 +293,7 @@ def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | InjectiveLayer | Non
     if any(n in POOL_BLOCKS for n in names):
         return _describe_pool(stages, names)
     if stages and not any(n in CONV_BLOCKS for n in names):
-        return _describe_injective(stages, names)
+        return _describe_injective(func, stages, names)
     conv_name = next((n for n in CONV_BLOCKS if n in names), None)
     if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
         return None
