@@ -15,10 +15,10 @@ and allocations, thread-pool wake-ups).
 Timed alone, warm or cold, a kernel is not where the model runs it. ``--in-model``
 (:func:`in_model`) measures that directly: the model is rebuilt once per group of kernels
 (:func:`kernel_groups`: pointwise convs by output plane, depthwise convs, other convs, the
-matmul, pools, concatenations and gathers, everything else) with that group's kernels emptied (:func:`without_kernels`: they
-take their arguments and do nothing), and once with every kernel emptied (the VM alone); all
-builds are timed in interleaved rounds, and what a group costs in the model is the whole model
-minus the model without it.
+matmul, pools, concatenations and gathers, everything else) with that group's kernels emptied
+(:func:`without_kernels`: they take their arguments and do nothing), and once with every kernel
+emptied (the VM alone); all builds are timed in interleaved rounds, and what a group costs in
+the model is the whole model minus the model without it.
 """
 
 from __future__ import annotations

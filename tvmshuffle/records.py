@@ -340,10 +340,10 @@ def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = 
             shutil.rmtree(db_dir, ignore_errors=True)
     stored = read_target_json(records_dir) or {}
     seeded_with = stored.get("seed_schedules")
-    isa = _preset_isa(preset)
-    if seeded_with and _isa(stored["target"], stored) != isa:
+    theirs, ours = _isa(stored["target"], stored), _preset_isa(preset)
+    if seeded_with and theirs != ours:
         log.info("%s: records seeded with the %s hand schedules; this build's are %s's, which they never "
-                 "measured: the hand schedules go first", _shipped.display(records_dir), _isa(stored["target"], stored), isa)
+                 "measured: the hand schedules go first", _shipped.display(records_dir), theirs, ours)
         seeded_with = None
     return Records(records_dir, database, seeded_with)
 
