@@ -23,6 +23,7 @@ the model is the whole model minus the model without it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,10 +216,12 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     """Each kernel group's cost in the whole model (see the module docstring): ``compiled`` is
     :func:`tvmshuffle.pipeline.compile_model`'s result, its variants exported into
     ``directory``. Returns (groups, slowest first; the model with every kernel emptied; the
-    whole model), medians over ``rounds`` interleaved rounds of ``repeat`` × ``number`` runs."""
+    whole model), medians of ``rounds × repeat`` samples of ``number`` runs, taken in ``rounds``
+    interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`: the order rotating, a settle run first)."""
     from pathlib import Path
 
     from . import pipeline
+    from .bench import Row, time_interleaved
 
     groups = kernel_groups(compiled.lowered)
     everything = [name for names in groups.values() for name in names]
@@ -230,12 +233,12 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
         library = pipeline.export(pipeline.codegen(mod, compiled.target), compiled.target, Path(directory) / f"v{i}.so")
         vms[group] = device.load_vm(library)
     x = compiled.model.random_input()
-    times: dict = {group: [] for group in vms}
-    for _ in range(rounds):
-        for group, vm in vms.items():
-            device.run(vm, x)
-            times[group] += device.time(vm, repeat, number)
-    median = {group: float(np.median(t)) for group, t in times.items()}
+    for vm in vms.values():
+        device.run(vm, x)  # (the input every build is then timed on)
+    rows = {group: Row(str(group), "") for group in vms}
+    time_interleaved([(rows[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
+                     warmup=1, repeat=rounds * repeat, rounds=rounds)
+    median = {group: row.median_ms for group, row in rows.items()}
     by_name = {row.kernel.name.removesuffix(_PREPACKED): row for row in kernel_rows}
     costs = []
     for group, names in groups.items():
@@ -244,6 +247,10 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
         costs.append(GroupCost(group, names, sum(r.kernel.calls for r in rows), sum(r.total_ms for r in rows),
                                None if None in cold else sum(cold), median[""] - median[group]))
     return sorted(costs, key=lambda g: g.in_model_ms, reverse=True), median[None], median[""]
+
+
+def _one_sample(device, vm, number: int) -> float:
+    return device.time(vm, 1, number)[0]
 
 
 def profile(model: str, config, device, number: int = 10, repeat: int = 5, in_the_model: bool = False) -> Profile:
