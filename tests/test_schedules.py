@@ -20,7 +20,7 @@ from tvm import relax
 
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.errors import UserError
-from tvmshuffle.records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE
+from tvmshuffle.records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, note_hand_measured, read_hand_measured
 from tvmshuffle.ops import channel_shuffle_ref, emit_shuffle_gather, emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
 
 HOST = targets.resolve("host")
@@ -508,8 +508,9 @@ def test_a_bad_schedules_flag_is_one_line(command, value, tmp_path):
 # --------------------------------------------------------------------------- hand schedules + records
 
 
-def _records(path: Path, kernel, func, traces, seeded: bool, isa: str | None = None) -> Path:
-    """A records dir for this CPU holding one kernel's records: (trace, seconds) each."""
+def _records(path: Path, kernel, func, traces, measured: str | None) -> Path:
+    """A records dir for this CPU holding one kernel's records, (trace, seconds) each;
+    ``measured``: the fingerprint of the hand schedule they note as measured (None: none)."""
     from tvm.s_tir import meta_schedule as ms
 
     path.mkdir(parents=True)
@@ -520,18 +521,19 @@ def _records(path: Path, kernel, func, traces, seeded: bool, isa: str | None = N
     for trace, secs in traces:
         db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs], target,
                                                          ms.arg_info.ArgInfo.from_prim_func(func)))
-    meta = {"preset": "host", "target": json.loads(str(target)), "isa": isa or schedules.isa_for(HOST).name}
-    if seeded:  # as `tvmshuffle tune` writes it after measuring the hand schedules
-        meta["seed_schedules"] = "hand"
+    meta = {"preset": "host", "target": json.loads(str(target)), "isa": schedules.isa_for(HOST).name}
     (path / TARGET_FILE).write_text(json.dumps(meta))
+    if measured is not None:  # as `tvmshuffle tune` notes it after measuring the hand schedule
+        note_hand_measured(path, schedules.workload_key(kernel), measured)
     return path
 
 
 def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path):
-    """One database (records' JSONDatabase, then the hand schedules' ScheduleFnDatabase): the
-    kernel carries the faster of the hand schedule's record and another record; with no
-    record for it, the hand schedule; records that never measured the hand schedule (no
-    ``seed_schedules``) let the hand schedule go first; ``--schedules none`` takes the records' best."""
+    """One database (the hand schedules' ScheduleFnDatabase, then the records' JSONDatabase):
+    where the records measured the hand schedule (``hand_schedules.json``), the kernel carries
+    the faster of its record and another record; with no record for it, the hand schedule;
+    records that never measured it, or measured another version of it (an edited schedule file,
+    another ISA's), let the hand schedule go first; ``--schedules none`` takes the records' best."""
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
@@ -544,6 +546,9 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
     other.compute_inline(other.get_sblock("T_add"))
     expected = {"hand": pipeline.schedule(mod, HOST)[0][gv], "other": other.mod["main"],
                 "none": pipeline.schedule(mod, HOST, schedule_source="none")[0][gv]}
+    hand_print = schedules.hand_fingerprint(kernel, HOST)
+    stale = schedules.fingerprint(other.mod)  # a hand schedule that is not this one any more
+    assert hand_print is not None and hand_print != stale
 
     def carried(scheduled):
         found = []
@@ -555,22 +560,71 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
                 pass
         return found
 
-    cases = [  # (hand s, other s, seeded, --schedules) → (carried, from records, hand-scheduled)
-        ((5e-6, 1e-6, True, "hand"), (["other"], 1, 0)),  # the other record is faster
-        ((1e-6, 9e-6, True, "hand"), (["hand"], 1, 0)),  # the hand schedule's record is faster
-        ((5e-6, 1e-6, False, "hand"), (["hand"], 0, 1)),  # records without the hand schedule's time
-        ((5e-6, 1e-6, True, "none"), (["other"], 1, 0)),  # no hand schedules: the records' best
-        ((5e-6, 1e-6, "other isa", "hand"), (["hand"], 0, 1)),  # they measured another ISA's hand schedules
+    cases = [  # (hand s, other s, measured, --schedules) → (carried, from records, hand-scheduled)
+        ((5e-6, 1e-6, hand_print, "hand"), (["other"], 1, 0)),  # the other record is faster
+        ((1e-6, 9e-6, hand_print, "hand"), (["hand"], 1, 0)),  # the hand schedule's record is faster
+        ((5e-6, 1e-6, None, "hand"), (["hand"], 0, 1)),  # records without the hand schedule's time
+        ((5e-6, 1e-6, hand_print, "none"), (["other"], 1, 0)),  # no hand schedules: the records' best
+        ((5e-6, 1e-6, stale, "hand"), (["hand"], 0, 1)),  # they measured another version of it
     ]
-    other_isa = "avx2" if schedules.isa_for(HOST).name == "avx512" else "avx512"
-    for i, ((hand_s, other_s, seeded, source), want) in enumerate(cases):
-        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)],
-                           bool(seeded), isa=other_isa if seeded == "other isa" else None)
+    for i, ((hand_s, other_s, measured, source), want) in enumerate(cases):
+        records = _records(tmp_path / str(i), kernel, func, [(hand_trace, hand_s), (other.trace, other_s)], measured)
         scheduled, tuned, hand = pipeline.schedule(mod, HOST, records, source)
         assert (carried(scheduled), tuned, hand) == want, (i, source)
     # negative: the check can tell them apart; no records, no hand schedules: TVM's own
     assert carried(pipeline.schedule(mod, HOST, schedule_source="none")[0]) == ["none"]
     assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
+
+
+def test_records_tuned_before_hand_schedules_json_get_it_from_their_traces(tmp_path):
+    """``scripts/note_hand_schedules.py`` notes a kernel whose records hold its hand schedule
+    (found by replaying their traces), and then the records go first; negative: records holding
+    only another schedule are not noted, and the hand schedule goes first."""
+    import importlib.util
+
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    spec = importlib.util.spec_from_file_location("note_hand_schedules",
+                                                  Path(__file__).parents[1] / "scripts" / "note_hand_schedules.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    kernel = _normalize_mod(mod[gv])
+    hand_trace = schedules.database(HOST).db.query_schedule(kernel, targets.tvm_target(HOST), gv.name_hint).trace
+    other = s_tir.Schedule(kernel)
+    other.compute_inline(other.get_sblock("T_add"))
+    with_hand = _records(tmp_path / "with", kernel, mod[gv], [(hand_trace, 5e-6), (other.trace, 1e-6)], None)
+    without = _records(tmp_path / "without", kernel, mod[gv], [(other.trace, 1e-6)], None)
+    assert pipeline.schedule(mod, HOST, with_hand)[1:] == (0, 1)  # not noted: the hand schedule first
+    assert script.note(with_hand, HOST) == (1, 1)
+    assert read_hand_measured(with_hand) == {schedules.workload_key(kernel): schedules.hand_fingerprint(kernel, HOST)}
+    assert pipeline.schedule(mod, HOST, with_hand)[1:] == (1, 0)  # noted: the records' best
+    assert script.note(without, HOST) == (0, 1)
+    assert read_hand_measured(without) == {}
+    assert pipeline.schedule(mod, HOST, without)[1:] == (0, 1)
+
+
+def test_a_hand_fingerprint_is_its_schedule():
+    """The fingerprint a build compares with ``hand_schedules.json`` is the hand schedule
+    itself: equal for the same kernel and ISA, another for another ISA's schedule (V2's
+    116-channel 14x14 conv takes zmm vectors on AVX-512 only) and for another kernel; the same
+    for AVX2 and AVX-512 where their schedules agree (232 channels at 7x7)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    def kernel(layer):
+        mod, _ = _lowered(*LAYERS[layer])
+        (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+        return _normalize_mod(func)
+
+    avx2, avx512 = X86_AVX2, X86_AVX512
+    wide, narrow = kernel("pw_half_lanes"), kernel("pw_v2_7")
+    assert schedules.hand_fingerprint(wide, avx2) == schedules.hand_fingerprint(wide, avx2)
+    assert schedules.hand_fingerprint(wide, avx2) != schedules.hand_fingerprint(wide, avx512)
+    assert schedules.hand_fingerprint(narrow, avx2) == schedules.hand_fingerprint(narrow, avx512)
+    assert schedules.hand_fingerprint(narrow, avx2) != schedules.hand_fingerprint(wide, avx2)
+    assert schedules.workload_key(wide) != schedules.workload_key(narrow)
 
 
 # --------------------------------------------------------------------------- seeding MetaSchedule
@@ -592,6 +646,8 @@ def _hand_records(records_dir: Path) -> int:
 def test_tuning_starts_from_the_hand_schedule(tmp_path, caplog):
     import logging
 
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
     from tvmshuffle import tuning
 
     mod, reference = _lowered(*LAYERS["pw_v2_half_28"])
@@ -607,6 +663,9 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path, caplog):
     assert result.trials_run == result.trials_total  # the seeds count as trials run
     assert _hand_records(records) >= 2
     assert json.loads((records / TARGET_FILE).read_text())["seed_schedules"] == "hand"
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    kernel = _normalize_mod(func)
+    assert read_hand_measured(records) == {schedules.workload_key(kernel): schedules.hand_fingerprint(kernel, HOST)}
     executable, tuned, _ = pipeline.build(mod, HOST, records)
     assert tuned == 1
     data = np.random.default_rng(2).standard_normal(LAYERS["pw_v2_half_28"][0]).astype("float32")

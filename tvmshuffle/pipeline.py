@@ -112,14 +112,17 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     ``ms.database.OrderedUnionDatabase``, which answers for each kernel with the first
     database that has it. What wins when:
 
-    * records that measured the hand schedules (``tvmshuffle tune`` does by default: it builds,
-      measures and commits each kernel's hand schedule before searching; ``target.json`` says
-      ``seed_schedules``): **records first**. Where they hold a kernel, their best record is the
-      faster of the hand schedule and everything the search found, as measured on the CPU
-      that tuned them; where they hold nothing, the hand schedule serves;
-    * records tuned without them (e.g. with ``--schedules none``, or before tuning seeded by
-      default): **hand first**, since the records never competed with them; the records
-      schedule the kernels no hand schedule takes;
+    The hand schedules come first, and defer, kernel by kernel, to records that measured them:
+
+    * a kernel whose records measured exactly the hand schedule this build would give it
+      (``tvmshuffle tune`` does by default: it builds, measures and commits each kernel's hand
+      schedule before searching, and notes it in ``hand_schedules.json``): **its best record**,
+      the faster of that hand schedule and everything the search found, as measured on the CPU
+      that tuned them;
+    * a kernel whose records never measured its hand schedule (tuned with ``--schedules none``,
+      with another ISA's schedules, or before its schedule file changed): **the hand
+      schedule**, since the records never competed with it;
+    * a kernel no hand schedule takes: its best record, if any;
     * no records (none given, or another CPU's, set aside with a note): the hand schedules
       where they fit;
     * ``--schedules none``: the records alone; no records either: TVM's own lowering (the
@@ -141,44 +144,50 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     from tvm.s_tir import meta_schedule as ms
 
     from . import schedules
-    from .records import has_record, open_records
+    from .records import open_records
 
     source = schedules.check_source(schedule_source)
-    hand = schedules.database(preset, source) if source != schedules.NONE else None
     records = open_records(Path(tuning_records), preset, force_records) if tuning_records is not None else None
-    records_first = records is not None and records.seeded_with == (schedules.source_key(source) if hand else None)
-    if records is not None and hand is not None and not records_first:
-        log.info("%s: records tuned without the %s schedules (no seed_schedules in target.json): the hand "
-                 "schedules go first where they fit", records.path, source)
-
-    # what the ordered union will answer with, kernel by kernel (for the counts)
-    tuned = from_hand = 0
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        in_records = records is not None and has_record(records, func, preset, gv.name_hint)
-        fits = hand is not None and hand.fits(func)
-        if in_records and (records_first or not fits):
-            tuned += 1
-        elif fits:
-            from_hand += 1
-    order = [records.db if records else None, hand.db if hand else None]
-    databases = [db for db in (order if records_first else order[::-1]) if db is not None]
+    hand = None
+    if source != schedules.NONE:
+        hand = schedules.database(preset, source, defer=records.measured if records else None)
+    databases = [db for db in (hand.db if hand else None, records.db if records else None) if db is not None]
+    from_hand = tuned = 0
     with targets.tvm_target(preset):
         if databases:
             database = databases[0] if len(databases) == 1 else ms.database.OrderedUnionDatabase(*databases)
+            todo = _unscheduled(mod)
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             if hand is not None:
                 hand.raise_errors()
+            # what each kernel got: its hand schedule (the hand database answered), else a record
+            done = set(todo) - set(_unscheduled(mod))
+            from_hand = sum(1 for name in done if hand is not None and todo[name] in hand.answered)
+            tuned = len(done) - from_hand
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
+    if hand is not None and hand.answered and records is not None:
+        log.info("%s: %d kernels get their hand schedule, which the records never measured (tuned without "
+                 "it, or before it changed; `tvmshuffle tune` measures it)", records.path, from_hand)
     log.info("scheduled %d kernels from %s, %s", tuned, records.path if records else "no records",
              f"{from_hand} with {source} schedules" if hand is not None else "no hand schedules (--schedules none)")
     return mod, tuned, from_hand
+
+
+def _unscheduled(mod) -> dict[str, str]:
+    """The PrimFuncs of ``mod`` not yet scheduled: name → :func:`~tvmshuffle.schedules.workload_key`."""
+    import tvm
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from . import schedules
+
+    return {gv.name_hint: schedules.workload_key(_normalize_mod(func)) for gv, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc)
+            and not (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))}
 
 
 def codegen(mod, preset: targets.TargetPreset):

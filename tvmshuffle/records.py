@@ -9,7 +9,14 @@ A records dir (``tuning_logs/<target>/<model>/``, :func:`records_dir_for`) holds
 ``target.json``
     the exact target the records were tuned for and its vector ISA. MetaSchedule's database
     is not target-aware (apache/tvm#15549), so :func:`check_target` refuses records of another
-    ISA and sets aside (with a note) those of another CPU of the same ISA.
+    ISA and sets aside (with a note) those of another CPU of the same ISA;
+``hand_schedules.json``
+    which hand schedule the records measured for each kernel: ``{kernel: fingerprint}``
+    (:func:`tvmshuffle.schedules.workload_key`, :func:`~tvmshuffle.schedules.fingerprint`),
+    noted by ``tune`` after measuring a hand schedule (:func:`note_hand_measured`). Where the
+    records measured the hand schedule a build would use, their best is never slower than it
+    and goes first; where they did not (tuned without hand schedules, with another ISA's, or
+    before a schedule file changed), the hand schedule goes first (:meth:`Records.measured`).
 
 :func:`apply_records` puts the best record of each kernel into a lowered module.
 """
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
+HAND_FILE = "hand_schedules.json"
 
 #: target attributes that do not change the generated code (compared with a warning only)
 _NON_CODEGEN_KEYS = ("num-cores",)
@@ -187,8 +195,9 @@ def check_target(records_dir: Path, preset: targets.TargetPreset, purpose: str,
 def write_target_json(records_dir: Path, preset: targets.TargetPreset, seed_schedules: str | None = None,
                       cache: str | None = None) -> None:
     """``target.json``: the target, its ISA, ``seed_schedules`` — the hand schedules whose
-    own schedule is measured among the records for every kernel they fit — and ``cache``, how
-    the candidates were timed (``tune --cache``: cold or warm); each kept from the file when None."""
+    own schedule is measured among the records for every kernel they fit (for the reader: a
+    build decides kernel by kernel from ``hand_schedules.json``) — and ``cache``, how the
+    candidates were timed (``tune --cache``: cold or warm); each kept from the file when None."""
     import tvm
 
     data = {"preset": preset.name, "target": _target_dict(preset), "isa": _preset_isa(preset),
@@ -309,6 +318,30 @@ def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool =
     return check_target(records_dir, preset, "apply", force)
 
 
+def read_hand_measured(records_dir: Path) -> dict[str, str]:
+    """``hand_schedules.json``: kernel → fingerprint of the hand schedule the records measured
+    for it ({} when there is none: records tuned without hand schedules, or before the file)."""
+    path = Path(records_dir) / HAND_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {str(k): str(v) for k, v in data.items()}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+
+
+def note_hand_measured(records_dir: Path, key: str, fingerprint: str) -> None:
+    """Note in ``hand_schedules.json`` that the records now hold a measurement of the hand
+    schedule ``fingerprint`` of kernel ``key``."""
+    measured = read_hand_measured(records_dir)
+    if measured.get(key) != fingerprint:
+        measured[key] = fingerprint
+        atomic_write(Path(records_dir) / HAND_FILE, json.dumps(measured, indent=1, sort_keys=True) + "\n")
+
+
 @dataclass
 class Records:
     """A records dir opened for a build (:func:`open_records`)."""
@@ -316,11 +349,13 @@ class Records:
     path: Path
     #: MetaSchedule's ``JSONDatabase`` of the records (read into memory; the files are not written)
     db: object
-    #: the hand schedules (``"hand"`` or a directory) whose own schedule ``tune`` measured and
-    #: committed for every kernel they fit, so the best record is never slower than it; None:
-    #: records tuned without them, or with another ISA's (AVX2's on an AVX-512 CPU): a build
-    #: then lets the hand schedules go first
-    seeded_with: str | None
+    #: ``hand_schedules.json``: kernel → the hand schedule the records measured for it
+    hand_measured: dict[str, str]
+
+    def measured(self, key: str, fingerprint: str) -> bool:
+        """Whether the records measured hand schedule ``fingerprint`` of kernel ``key``: their
+        best is then never slower than it (the ``defer`` of :func:`tvmshuffle.schedules.database`)."""
+        return self.hand_measured.get(key) == fingerprint
 
 
 def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> Records | None:
@@ -338,23 +373,7 @@ def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = 
             import shutil
 
             shutil.rmtree(db_dir, ignore_errors=True)
-    stored = read_target_json(records_dir) or {}
-    seeded_with = stored.get("seed_schedules")
-    theirs, ours = _isa(stored["target"], stored), _preset_isa(preset)
-    if seeded_with and theirs != ours:
-        log.info("%s: records seeded with the %s hand schedules; this build's are %s's, which they never "
-                 "measured: the hand schedules go first", _shipped.display(records_dir), theirs, ours)
-        seeded_with = None
-    return Records(records_dir, database, seeded_with)
-
-
-def has_record(records: Records, func, preset: targets.TargetPreset, name: str = "main") -> bool:
-    """Whether the records hold a measured schedule for PrimFunc ``func`` (as
-    ``MetaScheduleApplyDatabase`` would find it)."""
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    mod = _normalize_mod(func)
-    return records.db.query_tuning_record(mod, targets.tvm_target(preset), name) is not None
+    return Records(records_dir, database, read_hand_measured(records_dir))
 
 
 def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):

@@ -209,20 +209,62 @@ def schedule_primfunc(func, preset: targets.TargetPreset, source: str | os.PathL
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def workload_key(mod) -> str:
+    """A kernel as the records know it (``hand_schedules.json``'s keys): the structural hash of
+    the ``main`` PrimFunc of its IRModule, hex (the module's own attributes, such as the task
+    name MetaSchedule gives it, left out)."""
+    import tvm_ffi
+
+    return format(tvm_ffi.structural_hash(mod["main"]) & (2**64 - 1), "016x")
+
+
+def fingerprint(scheduled_mod) -> str:
+    """What a schedule made of a kernel (``hand_schedules.json``'s values): the structural hash
+    of the scheduled ``main``, hex. Another tile, another ISA's schedule or an edited schedule
+    file gives another fingerprint."""
+    return workload_key(scheduled_mod)
+
+
+def _copy(mod):
+    import tvm
+
+    return tvm.ir.load_json(tvm.ir.save_json(mod))
+
+
+def hand_fingerprint(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND,
+                     modules: list[ModuleType] | None = None) -> str | None:
+    """The :func:`fingerprint` of the hand schedule of kernel ``mod`` (a normalized IRModule),
+    as :func:`database` schedules it; None where no hand schedule fits."""
+    from tvm import s_tir
+
+    layer = describe(mod["main"])
+    isa = isa_for(preset)
+    module = find(layer, isa, modules if modules is not None else load(source)) if layer is not None else None
+    if module is None:
+        return None
+    sch = s_tir.Schedule(mod)
+    module.apply(sch, layer, isa, sample=False)
+    return fingerprint(sch.mod)
+
+
 @dataclass
 class HandDatabase:
     """The hand schedules of a directory for one target, as a MetaSchedule database (:func:`database`)."""
 
     #: ``ms.database.ScheduleFnDatabase``: asked for a PrimFunc, it answers with the hand
-    #: schedule (no measured time), or nothing where no schedule file takes it
+    #: schedule (no measured time), or nothing where no schedule file takes it (or ``defer`` says so)
     db: object
     modules: list[ModuleType]
     preset: targets.TargetPreset
     #: schedule files that failed while the database was applied (:meth:`raise_errors`)
     errors: list[str] = field(default_factory=list)
+    #: the kernels (:func:`workload_key`) it answered for, and those it left to the records
+    answered: set[str] = field(default_factory=set)
+    deferred: set[str] = field(default_factory=set)
 
     def fits(self, func) -> bool:
-        """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for)."""
+        """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for,
+        unless it defers to records)."""
         if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
             return False
         return schedule_for(func, self.preset, self.modules) is not None
@@ -234,18 +276,21 @@ class HandDatabase:
             raise UserError(self.errors[0])
 
 
-def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND) -> HandDatabase:
+def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, defer=None) -> HandDatabase:
     """The hand schedules of ``source`` for ``preset`` as an ``ms.database.ScheduleFnDatabase``.
 
     Asked for a PrimFunc, it schedules it with the first schedule file that takes it (tile
     sizes as the file chooses, ``sample=False``) and answers with that schedule's trace; for a
-    PrimFunc none fits (or one already scheduled), nothing.
+    PrimFunc none fits (or one already scheduled), nothing. ``defer(key, fingerprint)``
+    (:func:`workload_key`, :func:`fingerprint`): True where tuning records measured exactly this
+    hand schedule of the kernel; it then answers nothing there, and the records (next in an
+    ``OrderedUnionDatabase``) answer with their best, which is never slower than it.
     """
     from tvm.s_tir import meta_schedule as ms
 
     isa = isa_for(preset)
     modules = load(source)
-    errors: list[str] = []
+    hand = HandDatabase(None, modules, preset)
 
     def schedule_fn(sch) -> bool:
         func = sch.mod["main"]
@@ -255,14 +300,22 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND) -> 
         module = find(layer, isa, modules) if layer is not None else None
         if module is None:
             return False
+        key = workload_key(sch.mod)
         try:
+            # decided on a copy: a schedule edits the module the database was asked about in place,
+            # and the records, asked next, must get it as it was
+            if defer is not None and defer(key, hand_fingerprint(_copy(sch.mod), preset, modules=modules)):
+                hand.deferred.add(key)
+                return False
             module.apply(sch, layer, isa, sample=False)
         except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
-            errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: {first_line(err)}")
+            hand.errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: {first_line(err)}")
             return False
+        hand.answered.add(key)
         return True
 
-    return HandDatabase(ms.database.ScheduleFnDatabase(schedule_fn), modules, preset, errors)
+    hand.db = ms.database.ScheduleFnDatabase(schedule_fn)
+    return hand
 
 
 def apply(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND):

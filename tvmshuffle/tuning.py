@@ -13,6 +13,9 @@ repair, applying them at build time).
 ``target.json``
     the exact target the records were tuned for; :func:`tvmshuffle.records.apply_records` refuses records of
     another target (upstream's database is not target-aware, apache/tvm#15549).
+``hand_schedules.json``
+    the hand schedule measured for each kernel (:func:`tvmshuffle.records.note_hand_measured`):
+    a build lets the records go first for the kernels whose hand schedule they measured.
 ``curve.json``
     estimated network latency (sum over tasks of weight × best latency) against trials.
 ``logs/``
@@ -67,8 +70,8 @@ from pathlib import Path
 
 from . import targets
 from .errors import UserError
-from .records import (TARGET_FILE, atomic_write, check_target, has_database, open_database, read_target_json,
-                      repair_database_files, write_target_json)
+from .records import (TARGET_FILE, atomic_write, check_target, has_database, note_hand_measured, open_database,
+                      read_hand_measured, read_target_json, repair_database_files, write_target_json)
 from .remote import check_rpc, device_count, key_counts, parse_tracker
 from .runtime import ThreadConfig, configure_local_threads, configure_threads
 
@@ -594,7 +597,7 @@ def _as_lowered(sch) -> None:
 
 
 def _seed_record(context, preset, source: str | None, database, builder, runner, stat: TaskStat,
-                 again: bool = False) -> int:
+                 again: bool = False, records_dir: Path | None = None) -> int:
     """Build, measure and commit a task's first record, so that its best record is never slower
     than what a build without records would run: its hand schedule (``source``: the hand design
     space with its own tile choices), or, where no hand schedule fits (``source`` None), TVM's
@@ -605,7 +608,8 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     Returns the trials it committed (1, or 0 when the schedule did not build or run); a run
     that timed out is the device's fault and stops the tune (:class:`_Stop`). ``again``: the
     seed measured a second time, after the search (:func:`_remeasure_hand_seeds`): the task's
-    best time is then the lower of the two."""
+    best time is then the lower of the two. A measured hand schedule is noted in
+    ``records_dir``'s ``hand_schedules.json`` (:func:`~tvmshuffle.records.note_hand_measured`)."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
@@ -648,6 +652,9 @@ def _seed_record(context, preset, source: str | None, database, builder, runner,
     workload = database.commit_workload(context.mod)
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, result.run_secs, context.target, args_info))
+    if source and records_dir is not None:  # a build lets these records go first for this kernel
+        note_hand_measured(records_dir, schedules.workload_key(context.mod),
+                           schedules.hand_fingerprint(context.mod, preset, source))
     secs = _mean_secs(result.run_secs)
     us = secs * 1e6 if secs is not None else None
     before = stat.best_us
@@ -975,7 +982,7 @@ def _remeasure_hand_seeds(contexts, stats, seeded, preset, config: TuneConfig, d
             raise KeyboardInterrupt
         try:
             measured += _seed_record(contexts[i], preset, config.seed_schedules, database, builder, runner,
-                                     stats[i], again=True)
+                                     stats[i], again=True, records_dir=Path(config.records_dir))
         except _Stop as stop:
             tracker.failure = str(stop)
             raise
@@ -989,8 +996,9 @@ def _seed_tasks(contexts, stats, seeded, preset, config: TuneConfig, database, b
                 tracker: _Tracker) -> None:
     """Measure each task's seed before the search (:func:`_seed_record`): the hand schedule
     first where one fits — the search starts from its record, and the records then hold its
-    time, so their best is never slower than it (target.json says so, and a build lets the
-    records go first); records tuned without it get it now — and TVM's default schedule for a
+    time, so their best is never slower than it (``hand_schedules.json`` notes it, and a build
+    lets these records go first for that kernel); records that never measured the hand schedule
+    as it is now get it now — and TVM's default schedule for a
     new task no hand schedule fits. A seed is a trial: it counts as run and against the budget,
     and seeding stops when the budget is spent (the search, which alone makes random records,
     then does not run: a task is never left with only a random record). Ctrl-C stops between
@@ -999,12 +1007,14 @@ def _seed_tasks(contexts, stats, seeded, preset, config: TuneConfig, database, b
 
     records_dir = Path(config.records_dir)
     seed_key = schedules.source_key(config.seed_schedules) if config.seed_schedules else None
-    marked = (read_target_json(records_dir) or {}).get("seed_schedules") == seed_key
-    # records tuned without the hand schedules first (the mark needs them all), then new tasks
-    # with a hand schedule, then new tasks without one
-    unmarked = {i for i in seeded if stats[i].trials > 0 and not marked}
-    todo = sorted((i for i, stat in enumerate(stats) if i in unmarked or stat.trials == 0),
-                  key=lambda i: (i not in unmarked, i not in seeded))
+    # tasks whose records never measured their hand schedule as it is now (tuned without it,
+    # with another ISA's, or before its schedule file changed) first, then new tasks with a
+    # hand schedule, then new tasks without one
+    measured = read_hand_measured(records_dir)
+    unmeasured = {i for i in seeded if stats[i].trials > 0 and measured.get(schedules.workload_key(contexts[i].mod))
+                  != schedules.hand_fingerprint(contexts[i].mod, preset, config.seed_schedules)}
+    todo = sorted((i for i, stat in enumerate(stats) if i in unmeasured or stat.trials == 0),
+                  key=lambda i: (i not in unmeasured, i not in seeded))
     done = set()
     for i in todo:
         if tracker.interrupted.is_set():
@@ -1014,12 +1024,13 @@ def _seed_tasks(contexts, stats, seeded, preset, config: TuneConfig, database, b
             break
         source = config.seed_schedules if i in seeded else None
         try:
-            tracker.run_trials += _seed_record(contexts[i], preset, source, database, builder, runner, stats[i])
+            tracker.run_trials += _seed_record(contexts[i], preset, source, database, builder, runner, stats[i],
+                                               records_dir=records_dir)
         except _Stop as stop:
             tracker.failure = str(stop)
             raise
         done.add(i)
     if tracker.interrupted.is_set():
         raise KeyboardInterrupt
-    if seed_key and not marked and unmarked <= done:
+    if seed_key and unmeasured <= done:
         write_target_json(records_dir, preset, seed_key)
