@@ -225,12 +225,6 @@ def fingerprint(scheduled_mod) -> str:
     return workload_key(scheduled_mod)
 
 
-def _copy(mod):
-    import tvm
-
-    return tvm.ir.load_json(tvm.ir.save_json(mod))
-
-
 def hand_fingerprint(mod, preset: targets.TargetPreset, source: str | os.PathLike = HAND,
                      modules: list[ModuleType] | None = None) -> str | None:
     """The :func:`fingerprint` of the hand schedule of kernel ``mod`` (a normalized IRModule),
@@ -258,9 +252,8 @@ class HandDatabase:
     preset: targets.TargetPreset
     #: schedule files that failed while the database was applied (:meth:`raise_errors`)
     errors: list[str] = field(default_factory=list)
-    #: the kernels (:func:`workload_key`) it answered for, and those it left to the records
+    #: the kernels (:func:`workload_key`) it answered for
     answered: set[str] = field(default_factory=set)
-    deferred: set[str] = field(default_factory=set)
 
     def fits(self, func) -> bool:
         """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for,
@@ -302,11 +295,8 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
             return False
         key = workload_key(sch.mod)
         try:
-            # decided on a copy: a schedule edits the module the database was asked about in place,
-            # and the records, asked next, must get it as it was
-            if defer is not None and defer(key, hand_fingerprint(_copy(sch.mod), preset, modules=modules)):
-                hand.deferred.add(key)
-                return False
+            if defer is not None and defer(key, hand_fingerprint(sch.mod, preset, modules=modules)):
+                return False  # the records (asked next) measured this very schedule
             module.apply(sch, layer, isa, sample=False)
         except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
             hand.errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: {first_line(err)}")
