@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import frontend, targets
 from .errors import UserError, writable_output
+from .tir_analysis import is_scheduled, scheduled_names
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,16 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     with targets.tvm_target(preset):
         if databases:
             database = databases[0] if len(databases) == 1 else ms.database.OrderedUnionDatabase(*databases)
-            todo = _unscheduled(mod)
+            keys = _workload_keys(mod)
             with database:
-                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+                scheduled = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             if hand is not None:
                 hand.raise_errors()
             # what each kernel got: its hand schedule (the hand database answered), else a record
-            done = set(todo) - set(_unscheduled(mod))
-            from_hand = sum(1 for name in done if hand is not None and todo[name] in hand.answered)
+            done = scheduled_names(scheduled) - scheduled_names(mod)
+            from_hand = sum(1 for name in done if hand is not None and keys[name] in hand.answered)
             tuned = len(done) - from_hand
+            mod = scheduled
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
@@ -178,7 +180,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     return mod, tuned, from_hand
 
 
-def _unscheduled(mod) -> dict[str, str]:
+def _workload_keys(mod) -> dict[str, str]:
     """The PrimFuncs of ``mod`` not yet scheduled: name → :func:`~tvmshuffle.schedules.workload_key`."""
     import tvm
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
@@ -186,8 +188,7 @@ def _unscheduled(mod) -> dict[str, str]:
     from . import schedules
 
     return {gv.name_hint: schedules.workload_key(_normalize_mod(func)) for gv, func in mod.functions.items()
-            if isinstance(func, tvm.tirx.PrimFunc)
-            and not (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))}
+            if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func)}
 
 
 def codegen(mod, preset: targets.TargetPreset):

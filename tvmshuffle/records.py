@@ -32,6 +32,7 @@ from pathlib import Path
 
 from . import _shipped, targets
 from .errors import UserError
+from .tir_analysis import scheduled_names
 
 log = logging.getLogger(__name__)
 
@@ -391,21 +392,10 @@ def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: b
     if records is None:
         return mod, 0
     target = targets.tvm_target(preset)
-    before = _scheduled_funcs(mod)
+    before = scheduled_names(mod)
     with target, records.db:
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    tuned = len(_scheduled_funcs(applied) - before)
+    tuned = len(scheduled_names(applied) - before)
     kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     log.info("applied tuning records from %s: %d of %d kernels tuned", records_dir, tuned, kernels)
     return applied, tuned
-
-
-def _scheduled_funcs(mod) -> set[str]:
-    import tvm
-
-    names = set()
-    for gv, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None:
-            if bool(func.attrs.get("tirx.is_scheduled", False)):
-                names.add(gv.name_hint)
-    return names

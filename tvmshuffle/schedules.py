@@ -43,7 +43,7 @@ from . import _shipped, targets
 from .errors import UserError, first_line
 # what a PrimFunc is (read by the schedule files): defined with the TIR analysis, named here too
 from .tir_analysis import (  # noqa: F401 - re-exported
-    CONV_BLOCK, CONV_BLOCKS, PAD_BLOCK, PAD_BLOCKS, ConvLayer, MatmulLayer, PoolLayer, describe)
+    CONV_BLOCK, CONV_BLOCKS, PAD_BLOCK, PAD_BLOCKS, ConvLayer, MatmulLayer, PoolLayer, describe, is_scheduled)
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,7 @@ class HandDatabase:
     def fits(self, func) -> bool:
         """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for,
         unless it defers to records)."""
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            return False
-        return schedule_for(func, self.preset, self.modules) is not None
+        return not is_scheduled(func) and schedule_for(func, self.preset, self.modules) is not None
 
     def raise_errors(self) -> None:
         """UserError naming the first schedule file that failed (inside TVM's pass, whose own
@@ -287,7 +285,7 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
 
     def schedule_fn(sch) -> bool:
         func = sch.mod["main"]
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+        if is_scheduled(func):
             return False
         layer = describe(func)
         module = find(layer, isa, modules) if layer is not None else None
@@ -295,12 +293,12 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
             return False
         key = workload_key(sch.mod)
         try:
-            if defer is not None and defer(key, hand_fingerprint(sch.mod, preset, modules=modules)):
-                return False  # the records (asked next) measured this very schedule
             module.apply(sch, layer, isa, sample=False)
         except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
             hand.errors.append(f"schedule {module.NAME} ({module.__file__}) failed on {layer}: {first_line(err)}")
             return False
+        if defer is not None and defer(key, fingerprint(sch.mod)):
+            return False  # the records (asked next, on the kernel as it was) measured this very schedule
         hand.answered.add(key)
         return True
 

@@ -12,7 +12,8 @@ One place for what ``inspect``/``profile`` (:mod:`tvmshuffle.kernels`), the hand
   :class:`PoolLayer`, a concatenation or gather as an :class:`InjectiveLayer`, anything else None;
 * :func:`epilogue_name`, :func:`activation_param`, :func:`min_bytes`: the study's readings
   (epilogue labels, the activation a conv reads, minimum traffic);
-* :func:`buffer_shape`, :func:`dtype_bytes`, :func:`walk`: the small helpers under them.
+* :func:`buffer_shape`, :func:`dtype_bytes`, :func:`walk`: the small helpers under them;
+* :func:`is_scheduled`, :func:`scheduled_names`: whether a PrimFunc carries a schedule.
 """
 
 from __future__ import annotations
@@ -109,6 +110,20 @@ class InjectiveLayer:
 
 
 # --------------------------------------------------------------------------- blocks
+
+
+def is_scheduled(func) -> bool:
+    """Whether PrimFunc ``func`` carries a schedule (attr ``tirx.is_scheduled``: a hand schedule or
+    a record applied; MetaSchedule and TVM's lowering leave it alone then)."""
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def scheduled_names(mod) -> set[str]:
+    """The names of the scheduled PrimFuncs of ``mod``."""
+    import tvm
+
+    return {gv.name_hint for gv, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and is_scheduled(func)}
 
 
 def blocks(func, nested: bool = True) -> list:

@@ -15,6 +15,7 @@ from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, de
 from .._shipped import display
 from ..errors import UserError, last_line, quiet_logger
 from ..remote import DeviceTimeout
+from ..tir_analysis import is_scheduled
 from ..runtime import ThreadConfig, check
 from ..tir_analysis import blocks, buffer_shape
 
@@ -89,10 +90,6 @@ def records_dirs(config: StudyConfig, preset: targets.TargetPreset) -> tuple[Pat
     return study, others
 
 
-def _is_scheduled(func) -> bool:
-    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
-
-
 def tuned_funcs(layers: list[Layer], preset: targets.TargetPreset, study_dir: Path,
                 others: list[Path]) -> tuple[dict[int, tuple[object, Path]], list[str]]:
     """Per layer index: (func with its best tuned schedule, records dir it came from), looked
@@ -113,7 +110,7 @@ def tuned_funcs(layers: list[Layer], preset: targets.TargetPreset, study_dir: Pa
             continue
         for i in missing:
             func = applied[_gv(i)]
-            if _is_scheduled(func):
+            if is_scheduled(func):
                 found[i] = (func, records)
     return found, notes
 
