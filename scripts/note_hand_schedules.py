@@ -16,18 +16,20 @@ keeps its hand schedule until ``tvmshuffle tune`` measures it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tvmshuffle import records, schedules, targets
+from tvmshuffle.errors import UserError
 
 
 def note(records_dir: Path, preset) -> tuple[int, int]:
     """Note the measured hand schedules of ``records_dir``: (kernels noted, kernels with a hand schedule)."""
     from tvm import s_tir
 
-    opened = records.open_records(records_dir, preset, force=False)
+    opened = records.open_records(records_dir, preset, force=False)  # UserError: no records there
     if opened is None:
-        raise SystemExit(f"{records_dir}: records of another CPU; nothing to note")
+        raise UserError(f"{records_dir}: records of another CPU (see the note above); nothing to note")
     modules = schedules.load("hand")
     by_workload: dict = {}
     for record in opened.db.get_all_tuning_records():
@@ -52,16 +54,21 @@ def note(records_dir: Path, preset) -> tuple[int, int]:
     return noted, fitting
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records_dir", nargs="+", type=Path)
     parser.add_argument("--target", default="host")
     args = parser.parse_args()
-    preset = targets.resolve(args.target)
-    for records_dir in args.records_dir:
-        noted, fitting = note(records_dir, preset)
-        print(f"{records_dir}: the hand schedules of {noted} of {fitting} kernels with one are among the records")
+    try:
+        preset = targets.resolve(args.target)
+        for records_dir in args.records_dir:
+            noted, fitting = note(records_dir, preset)
+            print(f"{records_dir}: the hand schedules of {noted} of {fitting} kernels with one are among the records")
+    except UserError as err:  # one line, exit 2, as the CLI does; dirs done before it keep their notes
+        print(f"note_hand_schedules.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -604,6 +604,10 @@ def test_records_tuned_before_hand_schedules_json_get_it_from_their_traces(tmp_p
     assert script.note(without, HOST) == (0, 1)
     assert read_hand_measured(without) == {}
     assert pipeline.schedule(mod, HOST, without)[1:] == (0, 1)
+    # a dir with no records: one line naming it, exit 2
+    proc = subprocess.run([sys.executable, spec.origin, str(tmp_path / "nope")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nope" in proc.stderr, proc.stderr
 
 
 def test_a_hand_fingerprint_is_its_schedule():
