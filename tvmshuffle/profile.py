@@ -235,10 +235,10 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     x = compiled.model.random_input()
     for vm in vms.values():
         device.run(vm, x)  # (the input every build is then timed on)
-    rows = {group: Row(str(group), "") for group in vms}
-    time_interleaved([(rows[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
+    timed = {group: Row(str(group), "") for group in vms}
+    time_interleaved([(timed[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
                      warmup=1, repeat=rounds * repeat, rounds=rounds)
-    median = {group: row.median_ms for group, row in rows.items()}
+    median = {group: row.median_ms for group, row in timed.items()}
     by_name = {row.kernel.name.removesuffix(_PREPACKED): row for row in kernel_rows}
     costs = []
     for group, names in groups.items():
