@@ -576,6 +576,20 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
     assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
 
 
+@pytest.mark.parametrize("text", ["{", "[1, 2]"])
+def test_an_unreadable_hand_schedules_json_is_one_line_naming_it(tmp_path, text):
+    """A ``hand_schedules.json`` that is not a JSON object: a UserError naming the file (the CLI's
+    one line, exit 2), not a guess at which schedules the records measured."""
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    records = _records(tmp_path / "r", _normalize_mod(mod[gv]), mod[gv], [], None)
+    (records / "hand_schedules.json").write_text(text)
+    with pytest.raises(UserError, match="hand_schedules.json: unreadable"):
+        pipeline.schedule(mod, HOST, records)
+
+
 def test_records_tuned_before_hand_schedules_json_get_it_from_their_traces(tmp_path):
     """``scripts/note_hand_schedules.py`` notes a kernel whose records hold its hand schedule
     (found by replaying their traces), and then the records go first; negative: records holding
