@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "caches before each call (cold, the default), or repeated on hot caches (warm: "
                         "MetaSchedule's default)")
     p.add_argument("--number", type=int, help="runs averaged per measurement of a candidate (default: cold 1, warm 3)")
-    p.add_argument("--repeat", type=int, help="measurements per candidate (default: cold 10, warm 1)")
+    p.add_argument("--repeat", type=int, help="measurements per candidate, median kept (default: cold 10, warm 1)")
     p.add_argument("--min-repeat-ms", type=int, metavar="MS",
                    help="run a measurement for at least MS ms, raising --number (default: cold 0, warm 100)")
     p.add_argument("--timeout", type=float, metavar="S",

@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import tempfile
 import threading
 import time
@@ -123,7 +124,8 @@ class TuneConfig:
     cache: str = "cold"
     #: measurement (MetaSchedule's ``EvaluatorConfig``; ``--number``, ``--repeat``,
     #: ``--min-repeat-ms``): mean of ``number`` runs, ``repeat`` times, each repeat ≥
-    #: ``min_repeat_ms`` (``number`` is raised until it is). None: the default of ``cache``
+    #: ``min_repeat_ms`` (``number`` is raised until it is); the record keeps the median of the
+    #: ``repeat`` samples (:func:`candidate_time`). None: the default of ``cache``
     #: (:data:`MEASURE_DEFAULTS`: cold one call per sample, 10 samples; warm 3 runs ≥ 100 ms)
     number: int | None = None
     repeat: int | None = None
@@ -300,12 +302,33 @@ def _request_session(rpc_config, device_wait_sec: float, threads: ThreadConfig |
     return session
 
 
-def _run_evaluator_with_threads(rt_mod, device, evaluator_config, repeated_args, threads: ThreadConfig):
-    """LocalRunner's evaluator after configuring this (the runner worker's) thread pool."""
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+def candidate_time(samples: list[float]) -> list[float]:
+    """A candidate's time, as MetaSchedule records it: the median of its samples, as the only one.
 
-    configure_local_threads(threads, quiet=True)
-    return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
+    MetaSchedule ranks candidates (and trains its cost model) by the mean of their ``run_secs``.
+    On a 2-core machine a sample during which anything else ran (the tuner itself, the OS) takes
+    2-14x as long — kernels of 85 us measured 1145 us in 1 of 10 cold samples with the machine
+    otherwise idle — so the mean ranked candidates by their luck. The median of 10 does not move.
+    """
+    return [float(statistics.median(samples))] if samples else samples
+
+
+def _run_evaluator(rt_mod, device, evaluator_config, repeated_args, threads: ThreadConfig | None = None):
+    """LocalRunner's evaluator: this (the runner worker's) thread pool configured as the model
+    will run (``threads``), MetaSchedule's timing, then :func:`candidate_time`."""
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    if threads is not None:
+        configure_local_threads(threads, quiet=True)
+    return candidate_time(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
+
+
+def _rpc_run_evaluator(_session, rt_mod, device, evaluator_config, repeated_args):
+    """RPCRunner's evaluator: MetaSchedule's timing on the device, then :func:`candidate_time`
+    (the session's thread pool was configured when it was opened: :func:`_request_session`)."""
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    return candidate_time(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
 
 
 def _runner_pool(workers: int, config: TuneConfig):
@@ -706,8 +729,7 @@ def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = Fal
     if config.rpc_tracker is None:
         runner = ms.runner.LocalRunner(
             timeout_sec=config.runner_timeout_sec, evaluator_config=evaluator,
-            f_run_evaluator=(functools.partial(_run_evaluator_with_threads, threads=threads)
-                             if threads.requested else None))
+            f_run_evaluator=functools.partial(_run_evaluator, threads=threads if threads.requested else None))
         return runner, runner
     host, port = parse_tracker(config.rpc_tracker)
     rpc_config = ms.runner.RPCConfig(
@@ -722,6 +744,7 @@ def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = Fal
         evaluator,
         f_create_session=functools.partial(_request_session, device_wait_sec=config.device_wait_sec,
                                            threads=threads if threads.requested else None),
+        f_run_evaluator=_rpc_run_evaluator,
         max_workers=workers,
     )
     runner.pool.shutdown()  # its pool has no timeout
