@@ -74,7 +74,7 @@ from .errors import UserError
 from .records import (TARGET_FILE, atomic_write, check_target, has_database, note_hand_measured, open_database,
                       read_hand_measured, read_target_json, repair_database_files, write_target_json)
 from .remote import check_rpc, device_count, key_counts, parse_tracker
-from .runtime import ThreadConfig, configure_local_threads, configure_threads
+from .runtime import ThreadConfig, apart_from_pool_workers, configure_local_threads, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +315,14 @@ def candidate_time(samples: list[float]) -> list[float]:
 
 def _run_evaluator(rt_mod, device, evaluator_config, repeated_args, threads: ThreadConfig | None = None):
     """LocalRunner's evaluator: this (the runner worker's) thread pool configured as the model
-    will run (``threads``), MetaSchedule's timing, then :func:`candidate_time`."""
+    will run (``threads``), MetaSchedule's timing with the calling thread off the pool workers'
+    cores (:func:`~tvmshuffle.runtime.apart_from_pool_workers`), then :func:`candidate_time`."""
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
     if threads is not None:
         configure_local_threads(threads, quiet=True)
-    return candidate_time(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
+    with apart_from_pool_workers():
+        return candidate_time(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
 
 
 def _rpc_run_evaluator(_session, rt_mod, device, evaluator_config, repeated_args):
