@@ -113,8 +113,9 @@ class InjectiveLayer:
 
 
 def is_scheduled(func) -> bool:
-    """Whether PrimFunc ``func`` carries a schedule (attr ``tirx.is_scheduled``: a hand schedule or
-    a record applied; MetaSchedule and TVM's lowering leave it alone then)."""
+    """Whether PrimFunc ``func`` (or a tuning task's IRModule) carries a schedule (attr
+    ``tirx.is_scheduled``: a hand schedule or a record applied; MetaSchedule and TVM's lowering
+    leave it alone then)."""
     return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
 

@@ -75,6 +75,7 @@ from .records import (TARGET_FILE, atomic_write, check_target, has_database, not
                       read_hand_measured, read_target_json, repair_database_files, write_target_json)
 from .remote import check_rpc, device_count, key_counts, parse_tracker
 from .runtime import ThreadConfig, apart_from_pool_workers, configure_local_threads, configure_threads
+from .tir_analysis import is_scheduled
 
 log = logging.getLogger(__name__)
 
@@ -798,8 +799,7 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     repair_database_files(records_dir, in_place=True)
     database = open_database(records_dir, records_dir)
 
-    extracted = [t for t in _extract_tasks(mod, target)
-                 if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    extracted = [t for t in _extract_tasks(mod, target) if not is_scheduled(t.mod)]
     if not extracted:
         raise UserError("nothing to tune: the module has no unscheduled PrimFuncs")
 

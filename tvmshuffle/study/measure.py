@@ -15,9 +15,8 @@ from ..records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, de
 from .._shipped import display
 from ..errors import UserError, last_line, quiet_logger
 from ..remote import DeviceTimeout
-from ..tir_analysis import is_scheduled
 from ..runtime import ThreadConfig, check
-from ..tir_analysis import blocks, buffer_shape
+from ..tir_analysis import blocks, buffer_shape, is_scheduled
 
 from .config import SCHEDULES, STUDY_RECORDS, StudyConfig, _bar, _preset
 from .layers import Layer, fused_layers
