@@ -115,7 +115,8 @@ def _cpu_list(text: str) -> set[int]:
 
 def pool_worker_cores() -> set[int]:
     """The cores that other threads of this process are pinned to, one core each: TVM's pool
-    workers (Linux; empty elsewhere, or if none is pinned)."""
+    workers (Linux; empty elsewhere, or if none is pinned). Workers of an earlier, larger pool
+    stay alive and pinned, idle, after the pool is configured smaller."""
     me = threading.get_native_id()
     taken: set[int] = set()
     for status in Path("/proc/self/task").glob("*/status"):
@@ -140,14 +141,17 @@ def apart_from_pool_workers() -> Iterator[None]:
     measured 47-61 us or 87-90 us from one candidate to the next, all of 10 samples alike, and
     an unlucky hand schedule lost to a slower candidate; with the caller kept apart, 50-60 us
     every time. The affinity is restored after the body (threads started from the caller
-    inherit it: ONNX Runtime's or PyTorch's pools must not). Without pinned workers, or no core
-    left for the caller, nothing changes."""
+    inherit it: ONNX Runtime's or PyTorch's pools must not). With a pool of one thread (the
+    caller alone runs every loop), without pinned workers, or with no core left for the caller,
+    nothing changes."""
     import tvm
 
     if not hasattr(os, "sched_setaffinity"):
         yield
         return
-    tvm.get_global_func("runtime.NumThreads")()  # starts the pool (and pins its workers) if not yet
+    if tvm.get_global_func("runtime.NumThreads")() < 2:  # (also starts the pool, pinning its workers)
+        yield
+        return
     before = os.sched_getaffinity(0)
     free = before - pool_worker_cores()
     if not free or free == before:
