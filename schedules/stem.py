@@ -9,15 +9,24 @@ over (channel, ky, kx). TVM's lowering runs them one output at a time, 10-15 GFL
   ``chunk`` = 1-2 vectors); a tile holds ``rows`` output channels x ``chunk`` of one output
   row, ``rows`` x vectors accumulators (<= registers - 2). Each input vector loaded (one of the
   27 taps) is multiplied by ``rows`` broadcast weights: one load feeds ``rows`` FMAs.
-* **The padded image once, in phases.** LegalizeOps' ``pad_temp`` (3 x 226 x 226 floats for the
-  stem) is built once, vectorized and parallel; for stride 2 its columns are laid out in two
-  phases (``[c][y][x % 2][x // 2]``), so every load of the conv is unit-stride. Folding the
-  padding into the loads instead (``pad_temp`` inlined) measured slower than TVM untuned
-  (1050 vs 764 us at 224x224: a select per load); the phase layout: 462 vs 796 us (Rocket
-  Lake, 2 threads, shared machine, min of 9 samples; 31 vs 122 us at 64x64).
+* **The accumulators in a local tile** (``cache_write`` to ``local``, the epilogue reading it):
+  LLVM keeps them in registers for every tile shape. Accumulating in the conv's global buffer
+  left that to LLVM's alias analysis, which kept them in registers for some tiles only: at
+  224x224 one tile ran 88, 135 or 680 us depending on its shape.
+* **The padded image in phases, a few rows at a time.** For stride 2 the padded columns are laid
+  out in two phases (``[c][y][x % 2][x // 2]``), so every load of the conv is unit-stride, and
+  they are written phase by phase (contiguous stores, stride-2 loads). Each output row builds
+  the padded rows it reads (3 channels x 3 rows, 8 KB for the stem) right before its tiles, so
+  they are in L1 when read; the rows two output rows share are built twice. Measured against
+  LegalizeOps' ``pad_temp`` built whole in a pass of its own (3 x 226 x 226 floats, 613 KB) on
+  a Xeon (LLVM: rocketlake), 2 threads, median of 7 rounds of 3 x 50 runs, interleaved: 182 us
+  (that pass, its columns scattered to the phases) -> 163 (written phase by phase) -> 135 (a
+  few rows at a time) -> 88 us with the local accumulators (TVM untuned: 725 us). Folding the
+  padding into the loads instead (``pad_temp`` inlined) measured slower than TVM untuned in an
+  earlier session (a select per load).
 * The taps (channel, ky, kx) and the tile's channels are unrolled, so the accumulators stay in
   registers; the **epilogue** (bias, ReLU) runs on the tile right after it.
-* **Parallel** over output-channel tiles and rows.
+* **Parallel** over output rows (each row's tiles: all output channels x the row's chunks).
 """
 
 from __future__ import annotations
@@ -52,30 +61,40 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     chunk, rows = _tile(layer, isa)
     conv = sch.get_sblock(layer.conv_block)
     pad = sch.get_sblock(layer.pad_block) if layer.pad_block else None
-    if pad is not None and layer.stride[1] == 2:
-        # phases: padded column x at [.., x % 2, x // 2], so stride-2 reads are unit-stride
+    # phases: padded column x at [.., x % 2, x // 2], so stride-2 reads are unit-stride (an odd
+    # number of padded columns has no such layout of the same size: its loads stay strided)
+    phased = (pad is not None and layer.stride[1] == 2
+              and int(sch.get(pad).writes[0].source.shape[-1]) % 2 == 0)
+    if phased:
         sch.transform_layout(pad, ("write", 0), lambda n, c, yy, xx: (n, c, yy, xx % 2, xx // 2))
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
 
+    acc = sch.cache_write(conv, 0, "local")  # the tile's accumulators (registers)
     n, o, y, x, *red = sch.get_loops(conv)
     o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
     x_out, x_in = sch.split(x, [None, chunk])
-    sch.reorder(n, o_out, y, x_out, *red, o_in, x_in)
-    outer = sch.fuse(n, o_out, y)
-    if last is not None:
+    sch.reorder(n, y, o_out, x_out, *red, o_in, x_in)
+    outer = sch.fuse(n, y)
+    sch.reverse_compute_at(acc, x_out, preserve_unit_loops=True)
+    if last is not None:  # the epilogue reads the accumulators, not a copy of them
+        sch.compute_inline(acc)
         sch.reverse_compute_at(last, x_out, preserve_unit_loops=True)
-        *_, e_o, e_x = sch.get_loops(last)
-        sch.unroll(e_o)
-        sch.vectorize(e_x)
+    *_, e_o, e_y, e_x = sch.get_loops(last if last is not None else acc)  # the tile's (o, y, x)
+    sch.unroll(e_o)
+    sch.unroll(e_y)
+    sch.vectorize(e_x)
     for loop in [*red, o_in]:
         sch.unroll(loop)
     sch.vectorize(x_in)
     sch.parallel(outer)
     sch.decompose_reduction(conv, red[0])
-    if pad is not None:  # the padded image, once (3 x 226 x 226 floats for the stem)
-        *p_outer, p_x = sch.get_loops(pad)
+    if pad is not None:  # the padded rows this output row reads, right before its tiles
+        sch.compute_at(pad, outer)
+        *_, p_x = sch.get_loops(pad)
+        if phased:  # phase by phase: contiguous stores
+            p_x, p_phase = sch.split(p_x, [None, 2])
+            sch.reorder(p_phase, p_x)
         sch.vectorize(p_x)
-        sch.parallel(sch.fuse(*p_outer[:3]))

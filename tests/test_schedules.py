@@ -828,6 +828,8 @@ def test_plain_conv_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
 STEM = {
     "stem_s2_64": ((1, 3, 64, 64), (24, 3, 3, 3), dict(strides=2, padding=1), "bias_relu"),
     "stem_s1_odd": ((1, 3, 20, 24), (12, 3, 3, 3), dict(padding=1), "bias"),
+    # stride 2 with an odd padded width (33 columns: the two phases 17 and 16 wide)
+    "stem_s2_odd_width": ((1, 3, 32, 31), (24, 3, 3, 3), dict(strides=2, padding=1), "bias_relu"),
 }
 
 
