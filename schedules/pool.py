@@ -10,18 +10,20 @@ What it does
 * **Channels over the cores.** The channels are independent; each thread takes whole ones.
 * **The padded plane per channel**, built right before that channel's windows (at most
   114 x 114 floats here: it is read back while still in L1/L2), not one padded copy of the
-  whole input first.
-* **The average's division on the channel** right after its sums.
+  whole input first. For stride 2 its columns are laid out in two phases
+  (``[y][x % 2][x // 2]``) and written phase by phase (contiguous stores, stride-2 loads), so
+  every window load is unit-stride; an odd number of padded columns keeps the plain plane.
+* **Output rows as vectors**: for each of the window's taps, one vector load per row chunk.
+* **The average's division on the row** right after its sums.
 
-Measured on that Xeon, 2 threads (TVM as lowered → this): max 3x3/2 on 24 x 112 x 112
-103 → 59 us; average 3x3/2 on 240 x 28 x 28 115 → 60 us, on 24 x 56 x 56 23 → 15 us, on
-480 x 14 x 14 48 → 46 us.
-
-Tried and slower here, so not done: vectorizing each output row (its stride-2 window loads
-are gathers: 71 us for the 240 x 28 x 28 average), and storing the padded plane's even and odd
-columns apart so those loads are unit-stride (97 us there, 148 us for the max pool: building
-the phased plane costs more than it saves). Why the phased plane is slow to build is not
-established; ``tvmshuffle profile`` shows the pools' share of a model.
+Measured on a Xeon (LLVM: rocketlake), 2 threads, kernels alone, median of 7 interleaved
+rounds (the schedule before: scalar windows over a plain padded plane -> this): max 3x3/2 on
+24 x 112 x 112 58 -> 42 us; average 3x3/2 on 240 x 28 x 28 60 -> 33 us, on 480 x 14 x 14
+46 -> 15 us, on 24 x 56 x 56 16 -> 14 us (TVM as lowered: 103, 115, 48 and 23 us). An earlier
+session tried the phases and vectorized rows apart and found each slower (a phased plane
+97 us for the 240 x 28 x 28 average), probably writing the phases column by column, a
+scattered store per float, as ``stem.py`` did before (its padding pass: 182 -> 163 us written
+phase by phase). Accumulating in a local tile (as ``stem.py`` does) was slower here (37 and 20 us).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def matches(layer, isa) -> bool:
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
     pool = sch.get_sblock(layer.block)
+    pad = sch.get_sblock(layer.pad_block) if layer.pad_block is not None else None
+    phased = pad is not None and layer.stride[1] == 2 and layer.padded_hw[1] % 2 == 0
+    if phased:  # padded column x at [.., x % 2, x // 2]: stride-2 window loads are unit-stride
+        sch.transform_layout(pad, ("write", 0), lambda n, c, yy, xx: (n, c, yy, xx % 2, xx // 2))
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
@@ -43,11 +49,19 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     n, c, oy, ox, ry, rx = sch.get_loops(pool)
     sch.reorder(n, c, oy, ry, rx, ox)
     channel = sch.fuse(n, c)
-    if layer.pad_block is not None:
-        sch.compute_at(sch.get_sblock(layer.pad_block), channel)
-    if last is not None:
-        sch.reverse_compute_at(last, channel)
+    if pad is not None:  # this channel's padded plane, right before its windows
+        sch.compute_at(pad, channel)
+        *_, p_x = sch.get_loops(pad)
+        if phased:  # phase by phase: contiguous stores
+            p_x, p_phase = sch.split(p_x, [None, 2])
+            sch.reorder(p_phase, p_x)
+        sch.vectorize(p_x)
+    if last is not None:  # the average's division, on the row just summed
+        sch.reverse_compute_at(last, oy)
+        *_, e_x = sch.get_loops(last)
+        sch.vectorize(e_x)
     sch.unroll(ry)
     sch.unroll(rx)
+    sch.vectorize(ox)
     sch.parallel(channel)
     sch.decompose_reduction(pool, ry)

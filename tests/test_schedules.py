@@ -141,6 +141,7 @@ POOLS = {
     "max_stem": ("max", (1, 24, 112, 112), 3, 2, 1),
     "avg_shortcut_14": ("avg", (1, 48, 14, 14), 3, 2, 1),  # 7x7 out
     "avg_odd_unpadded": ("avg", (1, 8, 9, 9), 2, 1, 0),  # stride 1, no padding stage
+    "max_s2_odd_width": ("max", (1, 8, 15, 15), 3, 2, 1),  # 17 padded columns: no phase layout
 }
 
 
