@@ -38,7 +38,18 @@ channel is ``ri * C/g + rj`` (affine), and consecutive ``rj`` read consecutive c
 The epilogue (BN bias, ReLU, residual add) is inlined into one block that runs over the tile
 right after its reduction, while the accumulators are still in registers/L1.
 
-Parallelism: output-channel tiles (and pixel tiles in the pixel-vector form) over the cores.
+Parallelism: output-channel tiles over the cores in the channel-vector form; in the pixel-vector
+form pixel tiles first (each core all output channels of its share of the plane) where a conv
+group has fewer output channels than pixels (so its weights are fewer floats than its input),
+else channel tiles first. Measured in the whole model (Xeon, Rocket Lake codegen, 2 threads,
+interleaved rounds): V2 1x 2.84 -> 2.69 ms (-5.5%, 12 rounds; -6.5% and -6.8% in two more runs),
+V1 g3 1x 2.57 -> 2.56 (20 rounds). Alone the kernels do not say so (two profile runs, not
+interleaved): V2's 28x28 ones got faster (0.48 -> 0.32 ms the group), its 14x14 zmm ones slower
+(0.52 -> 0.74), which in the model is a wash (those alone pixels-first: 2.82 against 2.84 ms).
+``profile --in-model`` (the same two runs) put the gain in the 28x28 convs (0.49 -> 0.37 ms) and
+in the concatenations that read the branch convs' output (0.41 -> 0.22). Splitting the
+concatenations by pixels as well measured slower (2.95 ms), so which core wrote what is not the
+whole story.
 """
 
 from __future__ import annotations
@@ -155,13 +166,18 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
         p_vecs, p_lane = sch.split(p, [None, lanes])
         p_out, p_vec = sch.split(p_vecs, split_factors(sch, p_vecs, cols, sample))
-        sch.reorder(n, o_out, p_out, *red, o_in, p_vec, p_lane)
+        # the cores split the pixels where a group has fewer output channels than pixels (its
+        # weights are then fewer floats than the input it reads), else the channels
+        pixels = layer.out_hw[0] * layer.out_hw[1]
+        outer = [p_out, o_out] if layer.out_per_group < pixels else [o_out, p_out]
+        sch.reorder(n, *outer, *red, o_in, p_vec, p_lane)
         tile_loops, lane = [o_in, p_vec], p_lane
     else:
         o_blocks, o_lane = sch.split(o, [None, lanes])
         o_out, o_vec = sch.split(o_blocks, split_factors(sch, o_blocks, rows, sample))
         p_out, p_in = sch.split(p, split_factors(sch, p, cols, sample))
-        sch.reorder(n, o_out, p_out, *red, p_in, o_vec, o_lane)
+        outer = [o_out, p_out]
+        sch.reorder(n, *outer, *red, p_in, o_vec, o_lane)
         tile_loops, lane = [p_in, o_vec], o_lane
         # weight [O, K, 1, 1] -> [O/lanes, K, lanes], folded into the constant at compile time
         packed = sch.cache_read(conv, 1, "global")
@@ -169,7 +185,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", 1)
 
     if last is not None:
-        sch.reverse_compute_at(last, p_out, preserve_unit_loops=True)
+        sch.reverse_compute_at(last, outer[-1], preserve_unit_loops=True)
         *_, e_chan, e_pix = sch.get_loops(last)
         # read the accumulators the way the conv wrote them (else LLVM keeps them in memory)
         # and unrolled, so that every accumulator index is a constant
@@ -188,7 +204,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         sch.unroll(loop)
     sch.vectorize(lane)
     # channel form: each thread walks all pixels of its channel tiles (their packed weights
-    # stay in its cache); pixel form: channel and pixel tiles over the threads
-    sch.parallel(sch.fuse(n, o_out) if form == "channel" else sch.fuse(n, o_out, p_out))
+    # stay in its cache); pixel form: the tiles over the threads, the outer of the two first
+    sch.parallel(sch.fuse(n, o_out) if form == "channel" else sch.fuse(n, *outer))
     sch.decompose_reduction(conv, red[0])
 
