@@ -136,6 +136,13 @@ def _choose(layer, isa):
     return tile
 
 
+def _pixels_first(layer) -> bool:
+    """Whether the cores split a pixel-vector layer by pixels first (each core all output channels
+    of its share of the plane): where a conv group has fewer output channels than pixels, so its
+    weights are fewer floats than the input it reads (see "Parallelism" above)."""
+    return layer.out_per_group < layer.out_hw[0] * layer.out_hw[1]
+
+
 def apply(sch, layer, isa, sample: bool = False) -> None:
     form, lanes, rows, cols = _choose(layer, isa)  # lanes: the vector width used
     conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
@@ -166,10 +173,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
         p_vecs, p_lane = sch.split(p, [None, lanes])
         p_out, p_vec = sch.split(p_vecs, split_factors(sch, p_vecs, cols, sample))
-        # the cores split the pixels where a group has fewer output channels than pixels (its
-        # weights are then fewer floats than the input it reads), else the channels
-        pixels = layer.out_hw[0] * layer.out_hw[1]
-        outer = [p_out, o_out] if layer.out_per_group < pixels else [o_out, p_out]
+        outer = [p_out, o_out] if _pixels_first(layer) else [o_out, p_out]
         sch.reorder(n, *outer, *red, o_in, p_vec, p_lane)
         tile_loops, lane = [o_in, p_vec], p_lane
     else:

@@ -766,6 +766,8 @@ PLAIN = {
     "pw_plain_28": ((1, 58, 28, 28), (58, 58, 1, 1), dict(), "bias_relu"),
     "pw_plain_7": ((1, 64, 7, 7), (32, 64, 1, 1), dict(), "bias_relu"),
     "pw_plain_grouped_14": ((1, 48, 14, 14), (48, 16, 1, 1), dict(groups=3), "bias_add"),
+    # pixel-vector form with more output channels than pixels: the cores split channels first
+    "pw_plain_channels_first_4": ((1, 32, 4, 4), (32, 32, 1, 1), dict(), "bias_relu"),
     "dw_plain_s1_14": ((1, 58, 14, 14), (58, 1, 3, 3), dict(groups=58, padding=1), "bias"),
     "dw_plain_s2_28": ((1, 24, 28, 28), (24, 1, 3, 3), dict(groups=24, strides=2, padding=1), "bias"),
 }
@@ -817,6 +819,18 @@ def test_plain_conv_hand_schedule_matches_the_reference_and_the_none_build(name)
     assert layer.conv_groups == params.get("groups", 1)
     data = np.random.default_rng(1).standard_normal(data_shape).astype("float32")
     _hand_matches_reference_and_none(mod, data, reference(data))
+
+
+@pytest.mark.parametrize("name, pixels_first", [("pw_plain_28", True), ("pw_plain_channels_first_4", False)])
+def test_pixel_vector_tiles_go_to_the_cores_pixels_first_where_the_weights_are_smaller(name, pixels_first):
+    """In the pixel-vector form the cores split the plane first where a conv group has fewer
+    output channels than pixels (V2's 28x28 convs: 5-7% off the whole model), else the output
+    channels (each core reads half the weights); both match the reference (the test above)."""
+    (func,) = _fused_funcs(_plain(*PLAIN[name])[0])
+    layer = schedules.describe(func)
+    (pointwise,) = [m for m in schedules.load() if m.NAME == "pointwise"]
+    assert pointwise._choose(layer, schedules.isa_for(HOST))[0] == "pixel"
+    assert pointwise._pixels_first(layer) is pixels_first
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN))
