@@ -186,12 +186,6 @@ def test_profile_and_bench_with_threads_on_the_device(pool_env, small_host_libra
     assert rows["tvm-untuned-fused"]["where"].endswith(", 1 threads") and rows["tvm-untuned-fused"]["correct"]
 
 
-def test_cpu_lists_are_parsed():
-    assert runtime._cpu_list("0-3,6") == {0, 1, 2, 3, 6}
-    assert runtime._cpu_list("1") == {1}
-    assert runtime._cpu_list("0-1\n") == {0, 1}
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux thread affinity")
 def test_the_calling_thread_is_kept_off_the_pool_workers_cores():
     """TVM pins each pool worker to a core and lets the calling thread (the first share of every

@@ -103,31 +103,19 @@ def configure_local_threads(config: ThreadConfig, quiet: bool = False) -> int | 
     return used
 
 
-def _cpu_list(text: str) -> set[int]:
-    """The cores of a Linux CPU list (``Cpus_allowed_list``): ``"0-3,6"`` → {0, 1, 2, 3, 6}."""
-    cores: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        if first:
-            cores.update(range(int(first), int(last or first) + 1))
-    return cores
-
-
 def pool_worker_cores() -> set[int]:
     """The cores that other threads of this process are pinned to, one core each: TVM's pool
-    workers (Linux; empty elsewhere, or if none is pinned). Workers of an earlier, larger pool
-    stay alive and pinned, idle, after the pool is configured smaller."""
+    workers (Linux; empty if none is pinned). Workers of an earlier, larger pool stay alive and
+    pinned, idle, after the pool is configured smaller."""
     me = threading.get_native_id()
     taken: set[int] = set()
-    for status in Path("/proc/self/task").glob("*/status"):
-        if status.parent.name == str(me):
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == me:
             continue
-        with contextlib.suppress(OSError):
-            for line in status.read_text().splitlines():
-                if line.startswith("Cpus_allowed_list:"):
-                    cores = _cpu_list(line.split(":", 1)[1])
-                    if len(cores) == 1:
-                        taken |= cores
+        with contextlib.suppress(OSError):  # the thread may have ended meanwhile
+            cores = os.sched_getaffinity(int(tid))
+            if len(cores) == 1:
+                taken |= cores
     return taken
 
 
