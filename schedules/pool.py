@@ -28,6 +28,8 @@ phase by phase). Accumulating in a local tile (as ``stem.py`` does) was slower h
 
 from __future__ import annotations
 
+from tvmshuffle.schedules import phase_columns, vectorize_padding
+
 NAME = "pool"
 
 
@@ -38,9 +40,7 @@ def matches(layer, isa) -> bool:
 def apply(sch, layer, isa, sample: bool = False) -> None:
     pool = sch.get_sblock(layer.block)
     pad = sch.get_sblock(layer.pad_block) if layer.pad_block is not None else None
-    phased = pad is not None and layer.stride[1] == 2 and layer.padded_hw[1] % 2 == 0
-    if phased:  # padded column x at [.., x % 2, x // 2]: stride-2 window loads are unit-stride
-        sch.transform_layout(pad, ("write", 0), lambda n, c, yy, xx: (n, c, yy, xx % 2, xx // 2))
+    phased = pad is not None and phase_columns(sch, pad, layer.stride[1])  # unit-stride window loads
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
@@ -51,11 +51,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     channel = sch.fuse(n, c)
     if pad is not None:  # this channel's padded plane, right before its windows
         sch.compute_at(pad, channel)
-        *_, p_x = sch.get_loops(pad)
-        if phased:  # phase by phase: contiguous stores
-            p_x, p_phase = sch.split(p_x, [None, 2])
-            sch.reorder(p_phase, p_x)
-        sch.vectorize(p_x)
+        vectorize_padding(sch, pad, phased)
     if last is not None:  # the average's division, on the row just summed
         sch.reverse_compute_at(last, oy)
         *_, e_x = sch.get_loops(last)

@@ -31,7 +31,7 @@ over (channel, ky, kx). TVM's lowering runs them one output at a time, 10-15 GFL
 
 from __future__ import annotations
 
-from tvmshuffle.schedules import split_factors
+from tvmshuffle.schedules import phase_columns, split_factors, vectorize_padding
 
 NAME = "stem"
 
@@ -61,12 +61,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     chunk, rows = _tile(layer, isa)
     conv = sch.get_sblock(layer.conv_block)
     pad = sch.get_sblock(layer.pad_block) if layer.pad_block else None
-    # phases: padded column x at [.., x % 2, x // 2], so stride-2 reads are unit-stride (an odd
-    # number of padded columns has no such layout of the same size: its loads stay strided)
-    phased = (pad is not None and layer.stride[1] == 2
-              and int(sch.get(pad).writes[0].source.shape[-1]) % 2 == 0)
-    if phased:
-        sch.transform_layout(pad, ("write", 0), lambda n, c, yy, xx: (n, c, yy, xx % 2, xx // 2))
+    phased = pad is not None and phase_columns(sch, pad, layer.stride[1])  # unit-stride stride-2 loads
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
@@ -93,8 +88,4 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     sch.decompose_reduction(conv, red[0])
     if pad is not None:  # the padded rows this output row reads, right before its tiles
         sch.compute_at(pad, outer)
-        *_, p_x = sch.get_loops(pad)
-        if phased:  # phase by phase: contiguous stores
-            p_x, p_phase = sch.split(p_x, [None, 2])
-            sch.reorder(p_phase, p_x)
-        sch.vectorize(p_x)
+        vectorize_padding(sch, pad, phased)

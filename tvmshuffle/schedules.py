@@ -26,7 +26,8 @@ versions meant "no hand schedules"; it is refused with a one-line error naming b
 A schedule file defines ``NAME``, ``matches(layer, isa) -> bool`` and
 ``apply(sch, layer, isa, sample=False)``; with ``sample=True`` it draws its tile sizes with
 ``sch.sample_perfect_tile`` (the hand choice as the initial decision) instead of fixing them,
-which is what makes it a design space (:func:`split_factors` gives either).
+which is what makes it a design space (:func:`split_factors` gives either). Helpers for the
+files: :func:`phase_columns` and :func:`vectorize_padding` (a stride-2 window's padded plane).
 """
 
 from __future__ import annotations
@@ -112,6 +113,27 @@ def split_factors(sch, loop, inner: int, sample: bool):
     extent = int(sch.get(loop).extent)
     return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(inner, 16),
                                    decision=[extent // inner, inner])
+
+
+def phase_columns(sch, pad, stride: int) -> bool:
+    """For a stride-2 window, lay the padded plane's columns out in two phases (column ``x`` at
+    ``[.., x % 2, x // 2]``), so the window's stride-2 loads are unit-stride; whether it did (an
+    odd number of padded columns has no such layout of the same size: its loads stay strided).
+    The stem's and the pools' schedules use it, then :func:`vectorize_padding`."""
+    if stride != 2 or int(sch.get(pad).writes[0].source.shape[-1]) % 2:
+        return False
+    sch.transform_layout(pad, ("write", 0), lambda n, c, yy, xx: (n, c, yy, xx % 2, xx // 2))
+    return True
+
+
+def vectorize_padding(sch, pad, phased: bool) -> None:
+    """Vectorize the padding stage along its columns; ``phased`` (:func:`phase_columns`): phase
+    by phase, so its stores are contiguous (its loads stride 2)."""
+    *_, x = sch.get_loops(pad)
+    if phased:
+        x, phase = sch.split(x, [None, 2])
+        sch.reorder(phase, x)
+    sch.vectorize(x)
 
 
 # --------------------------------------------------------------------------- schedule files
