@@ -25,10 +25,14 @@ cross:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu; }
 
 TRACKER := 127.0.0.1:9190
-RECORDS := tuning_logs/host/$(MODEL)
-
 TUNE_TRIALS ?= 64
 MY_RECORDS := $(OUT)/tuning_logs/host/$(MODEL)
+
+# The shipped records of this CPU (tuning_logs/host-<cpu>/: each CPU's records in a dir of their
+# own), or where none were shipped for it, another CPU's (a build sets them aside with a note).
+# Expanded when the demo runs, after .venv exists.
+CPU = $(shell $(BIN)/python -c "from tvmshuffle import targets; print(targets.resolve('host').target['mcpu'])")
+RECORDS = $(firstword $(wildcard tuning_logs/host-$(CPU)/$(MODEL)) tuning_logs/host-rocketlake/$(MODEL))
 
 # The main job, on whatever CPU this is: the untuned build, the hand-scheduled build (no tuning),
 # a short tuning run on this CPU seeded from the hand schedules and the build with its records,
@@ -51,7 +55,7 @@ demo: venv cross
 	@# each kernel: the faster of its best record and its hand schedule
 	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(MY_RECORDS) -o $(OUT)/$(MODEL)-host-tuned.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-tuned.so --input $(OUT)/input.npy --repeat 30 --print-time
-	@# the shipped records: applied where this CPU is the one that tuned them, else set aside (a note)
+	@# the shipped records: this CPU's where there are some, else another CPU's, set aside (a note)
 	$(BIN)/tvmshuffle compile $(MODEL) --target host --tuning-records $(RECORDS) -o $(OUT)/$(MODEL)-host-shipped.so
 	$(BIN)/tvmshuffle run $(OUT)/$(MODEL)-host-shipped.so --input $(OUT)/input.npy --repeat 30 --print-time
 	$(BIN)/tvmshuffle study --model $(MODEL) -o $(OUT)/study

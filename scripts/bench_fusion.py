@@ -51,7 +51,7 @@ def bench_model(name: str, runs: int, tuned: bool):
         mod = pipeline.lower(imported.mod, preset, fuse=fused)
         records = None
         if tuned:
-            candidate = records_dir_for(preset.name, records_key(name, fused, imported.input_shape))
+            candidate = records_dir_for(preset, records_key(name, fused, imported.input_shape))
             records = candidate if candidate.exists() else None
         executable, tuned_kernels, _ = pipeline.build(mod, preset, records)
         vm = tvm.relax.VirtualMachine(executable, tvm.cpu())

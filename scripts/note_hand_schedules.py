@@ -10,7 +10,7 @@ is the hand schedule a build would give it today (the same fingerprint,
 another version of its hand schedule (tuned before its schedule file changed) is not noted: it
 keeps its hand schedule until ``tvmshuffle tune`` measures it.
 
-    python scripts/note_hand_schedules.py tuning_logs/host/shufflenet_v1_g3_x1_0 [--target host]
+    python scripts/note_hand_schedules.py tuning_logs/host-znver4/shufflenet_v1_g3_x1_0 [--target host]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Estimated network latency against tuning trials, from the records' curve.json files.
 
-    python scripts/plot_curve.py tuning_logs/host/shufflenet_v1_g3_x1_0 ... -o docs/tuning_curve.png
+    python scripts/plot_curve.py tuning_logs/host-znver4/shufflenet_v1_g3_x1_0 ... -o docs/znver4/tuning_curve.png
 """
 
 import argparse

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Re-create the shipped host records in tuning_logs/host/ for THIS CPU (fused: what `compile
+# Re-create the shipped host records of THIS CPU in tuning_logs/host-<cpu>/ (fused: what `compile
 # --tuning-records` and `bench`'s tvm-tuned-fused use; unfused: bench's tvm-tuned-unfused).
 # Same budget for both, so that fused vs unfused compares like with like; every core measured
 # (--threads), the design space seeded with the hand schedules, candidates timed cold (the
-# defaults). Records of another CPU must be moved away first (tuning into them is refused).
+# defaults). Each CPU has a dir of its own (tvmshuffle.targets.records_name).
 # Resumes if interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,7 +24,7 @@ def records_root(tmp_path_factory):
     preset = targets.resolve("host")
     imported = frontend.load(SMALL, SHAPE)
     for fused in (True, False):
-        records = records_dir_for("host", records_key(SMALL, fused, SHAPE), root)
+        records = records_dir_for(preset, records_key(SMALL, fused, SHAPE), root)
         config = tuning.TuneConfig(trials=4, records_dir=records, trials_per_batch=2, search_population=32,
                                    progress=False, seed_schedules="none")  # CI time: no seed builds
         tuning.tune(pipeline.lower(imported.mod, preset, fuse=fused), preset, config)
@@ -68,11 +68,18 @@ def test_bench_runs_every_row(records_root, tmp_path):
 
 
 def test_missing_records_are_said_not_hidden(tmp_path):
+    """No records for this CPU: the tuned rows say so, and name the CPUs that have some (another
+    CPU's fused records here: they are not applied, each CPU's records live in a dir of its own)."""
+    theirs = tmp_path / "host-not-this-cpu" / records_key(SMALL, True, SHAPE)
+    theirs.mkdir(parents=True)
+    (theirs / "database_workload.json").write_text("")
     report = bench.bench(SMALL, bench.BenchConfig(tuning_records=tmp_path, input_shape=SHAPE, repeat=2, threads=1))
     rows = {r.variant: r for r in report.rows}
     for name in ("tvm-tuned-unfused", "tvm-tuned-fused"):
         assert rows[name].median_ms is None and rows[name].correct is None
         assert "no tuning records" in rows[name].note
+    assert "records of not-this-cpu are there, not of this CPU" in rows["tvm-tuned-fused"].note
+    assert "not-this-cpu" not in rows["tvm-tuned-unfused"].note and "--no-fuse" in rows["tvm-tuned-unfused"].note
     for name in ("tvm-untuned-fused", "tvm-hand-fused"):
         assert rows[name].correct and rows[name].median_ms > 0
 
@@ -89,8 +96,8 @@ def test_tuned_note_names_records_relative(tmp_path, monkeypatch):
     assert bench.tuned_note(28, records) == f"28 kernels tuned ({Path('tuning_logs/host/m')})"
     monkeypatch.chdir(records)
     assert bench.tuned_note(28, records) == "28 kernels tuned (.)"
-    shipped = _shipped.path("tuning_logs") / "host" / "shufflenet_v1_g3_x1_0"  # seen from elsewhere
-    assert bench.tuned_note(3, shipped) == f"3 kernels tuned ({Path('tuning_logs/host/shufflenet_v1_g3_x1_0')})"
+    shipped = _shipped.path("tuning_logs") / "host-rocketlake" / "shufflenet_v1_g3_x1_0"  # seen from elsewhere
+    assert bench.tuned_note(3, shipped) == f"3 kernels tuned ({Path('tuning_logs/host-rocketlake/shufflenet_v1_g3_x1_0')})"
     assert bench.tuned_note(3, Path("/elsewhere/r")) == "3 kernels tuned (/elsewhere/r)"
 
 

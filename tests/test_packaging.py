@@ -23,7 +23,7 @@ def test_non_editable_install_ships_schedules_and_records(tmp_path):
     shutil.copy(REPO / "pyproject.toml", src)
     for name in ("tvmshuffle", "schedules", "tuning_logs"):
         shutil.copytree(REPO / name, src / name, ignore=skip)
-    logs = src / "tuning_logs" / "host" / "shufflenet_v1_g3_x1_0" / "logs"
+    logs = src / "tuning_logs" / "host-rocketlake" / "shufflenet_v1_g3_x1_0" / "logs"
     logs.mkdir(exist_ok=True)
     (logs / "tune.json").write_text("{}")  # tuning_logs/**/logs/ is not part of the product
 
@@ -51,7 +51,7 @@ def test_non_editable_install_ships_schedules_and_records(tmp_path):
     package, root = (Path(line) for line in probe.stdout.splitlines())
     assert package.parent == installed
     assert root.is_relative_to(installed), root
-    assert (root / "host" / "shufflenet_v1_g3_x1_0" / "target.json").is_file()
+    assert (root / "host-rocketlake" / "shufflenet_v1_g3_x1_0" / "target.json").is_file()
 
     proc = run("-m", "tvmshuffle", "compile", SMALL, "--input-shape", "1,3,64,64", "--schedules", "hand",
                "-o", "m.so")

@@ -12,6 +12,7 @@ import pytest
 from tvmshuffle import devices, study, targets
 from tvmshuffle.study import hardware, measure
 from tvmshuffle.errors import UserError
+from tvmshuffle.records import records_dir_for
 from tvmshuffle.runtime import ThreadConfig
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
@@ -133,7 +134,7 @@ def test_trials_per_layer_tunes_the_layers_once(two_kinds, tmp_path):
     config = small_config(tuning_records=tmp_path, trials_per_layer=2,
                           tune_options={"search_population": 32, "trials_per_batch": 2})
     report = study.run_study(config, two_kinds)
-    records = tmp_path / "host" / study.STUDY_RECORDS
+    records = records_dir_for(targets.resolve("host"), study.STUDY_RECORDS, tmp_path)
     assert report.records_dir == str(records)
     tuned = [r for r in report.rows if r.schedule == "tuned"]
     assert len(tuned) == 2

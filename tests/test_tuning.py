@@ -6,6 +6,7 @@ that gets SIGKILLed); budgets are a handful of trials on a tiny conv2d+relu → 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmshuffle import bench, pipeline, remote, runtime, targets, tuning
+from tvmshuffle import bench, pipeline, records, remote, runtime, targets, tuning
 from tvmshuffle.records import (RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, records_dir_for, records_key,
                                 set_aside, write_target_json)
 from tvmshuffle.errors import UserError
@@ -341,14 +342,33 @@ def test_apply_empty_database_tunes_nothing(tiny, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_records_dir_for(monkeypatch):
+def test_records_dir_for(monkeypatch, tmp_path):
     monkeypatch.delenv("TVMSHUFFLE_TUNING_LOGS", raising=False)
     repo_logs = Path(tuning.__file__).resolve().parent.parent / "tuning_logs"
     assert repo_logs.is_dir()  # the shipped records: the default root in a checkout
-    assert records_dir_for("rpi4", "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
-    assert records_dir_for("host", "a/b.onnx", root=Path("/r")) == Path("/r/host/a_b.onnx")
+    rpi4, host = targets.resolve("rpi4"), targets.resolve("host")
+    assert records_dir_for(rpi4, "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
+    cpu = host.target["mcpu"]
+    assert records_dir_for(host, "a/b.onnx", root=Path("/r")) == Path(f"/r/host-{cpu}/a_b.onnx")
     monkeypatch.setenv("TVMSHUFFLE_TUNING_LOGS", "/elsewhere")
-    assert records_dir_for("host", "m") == Path("/elsewhere/host/m")
+    assert records_dir_for(host, "m") == Path(f"/elsewhere/host-{cpu}/m")
+
+
+def test_each_cpu_has_its_own_records_dir(tmp_path):
+    """The host's records dir names its CPU, so records tuned on one CPU are not found by a build
+    on another; other_cpus names those that do have records of the model."""
+    host = targets.resolve("host")
+    other = dataclasses.replace(host, target={**host.target, "mcpu": "not-this-cpu"})
+    assert records_dir_for(other, "m", tmp_path) != records_dir_for(host, "m", tmp_path)
+    assert records.other_cpus(host, "m", tmp_path) == []
+    theirs = records_dir_for(other, "m", tmp_path)
+    theirs.mkdir(parents=True)
+    (theirs / WORKLOAD_FILE).write_text("")
+    records_dir_for(host, "m", tmp_path).mkdir(parents=True)
+    (records_dir_for(host, "m", tmp_path) / WORKLOAD_FILE).write_text("")
+    assert records.other_cpus(host, "m", tmp_path) == ["not-this-cpu"]
+    assert records.other_cpus(host, "another-model", tmp_path) == []
+    assert records.other_cpus(targets.resolve("rpi4"), "m", tmp_path) == []
 
 
 def test_records_key_sets_apart_other_modules():

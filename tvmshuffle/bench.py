@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import devices, frontend, pipeline, targets
-from .records import WORKLOAD_FILE, records_dir_for, records_key, set_aside
+from .records import WORKLOAD_FILE, other_cpus, records_dir_for, records_key, set_aside
 from ._shipped import display
 from .errors import UserError
 from . import runtime
@@ -209,7 +209,8 @@ def bench(model: str, config: BenchConfig) -> BenchReport:
     here = "this CPU" if device().is_here else "host only"
     add(*_bench_pytorch(imported, x, expected, config, here))
     add(*_bench_onnxruntime(imported, model, x, expected, config, threads, here))
-    log.info("timing %d variants, %d runs each in interleaved rounds", len(pending), config.repeat)
+    log.info("timing %d variants, %d runs each %s", len(pending), config.repeat,
+             "in a row" if config.rounds == 1 else f"in {config.rounds} rounds, the order rotating")
     time_interleaved(pending, config.warmup, config.repeat, rounds=config.rounds)
     _ratios(rows)
     return BenchReport(imported.name, preset.name, targets.host_cpu_name(), threads, config.repeat,
@@ -222,7 +223,16 @@ def _records_for(root: Path | None, preset, imported, fused: bool) -> Path:
     if root is not None and (Path(root) / WORKLOAD_FILE).exists():
         root = Path(root)
         return root if fused else root.with_name(root.name + "-unfused")
-    return records_dir_for(preset.name, records_key(imported.name, fused, imported.input_shape), root)
+    return records_dir_for(preset, records_key(imported.name, fused, imported.input_shape), root)
+
+
+def no_records_note(records: Path, preset, fused: bool) -> str:
+    """A tuned row's note where this target (this CPU, for the host) has no records: where they
+    would be, which other CPUs have some (they would be set aside here) and how to tune."""
+    others = other_cpus(preset, records.name, records.parent.parent)
+    shipped = f"; records of {', '.join(others)} are there, not of this CPU" if others else ""
+    return (f"no tuning records in {display(records)}{shipped} (tvmshuffle tune … --target {preset.name}"
+            + ("" if fused else " --no-fuse") + ")")
 
 
 def tuned_note(tuned_kernels: int, records: Path, aside: str | None = None) -> str:
@@ -244,7 +254,7 @@ def _bench_tvm(variant, imported, preset, fused, tuned, root, x, expected, confi
     if tuned:
         records = _records_for(root, preset, imported, fused)
         if not records.exists():
-            row.note = f"no tuning records in {display(records)} (tvmshuffle tune … --target {preset.name})"
+            row.note = no_records_note(records, preset, fused)
             return row, None
     log.info("%s: building", variant)
     mod = pipeline.lower(imported.mod, preset, fuse=fused)

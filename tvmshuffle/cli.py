@@ -151,7 +151,7 @@ def cmd_tune(args) -> int:
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
     records = Path(args.tuning_records) if args.tuning_records else records_dir_for(
-        preset.name, records_key(imported.name, not args.no_fuse, imported.input_shape))
+        preset, records_key(imported.name, not args.no_fuse, imported.input_shape))
     config = dataclasses.replace(config, records_dir=records)
     mod = pipeline.lower(imported.mod, preset, fuse=not args.no_fuse)
     result = tuning.tune(mod, preset, config)

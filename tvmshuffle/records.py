@@ -1,6 +1,7 @@
 """Tuning records on disk: where they live, which target they belong to, and applying them.
 
-A records dir (``tuning_logs/<target>/<model>/``, :func:`records_dir_for`) holds
+A records dir (``tuning_logs/<target>/<model>/``, :func:`records_dir_for`; the host's ``<target>``
+names its CPU, ``host-znver4``, since tuning records belong to the CPU that measured them) holds
 
 ``database_workload.json`` / ``database_tuning_record.json``
     MetaSchedule's ``JSONDatabase`` (written by :mod:`tvmshuffle.tuning`), one JSON line per
@@ -65,15 +66,27 @@ def records_key(model_name: str, fused: bool = True, input_shape=None) -> str:
     return key
 
 
-def records_dir_for(target_name: str, model_name: str, root: Path | None = None) -> Path:
-    """``tuning_logs/<target-name>/<model>/`` (path separators in the names become ``_``)."""
+def records_dir_for(preset: targets.TargetPreset, model_name: str, root: Path | None = None) -> Path:
+    """``tuning_logs/<target>/<model>/`` (:func:`tvmshuffle.targets.records_name`: ``host-znver4``
+    for the host; path separators in the names become ``_``)."""
     root = default_root() if root is None else root
 
     def clean(name: str) -> str:
         name = str(name).replace(os.sep, "_").replace("/", "_").strip()
         return name if name not in ("", ".", "..") else "_"
 
-    return Path(root) / clean(target_name) / clean(model_name)
+    return Path(root) / clean(targets.records_name(preset)) / clean(model_name)
+
+
+def other_cpus(preset: targets.TargetPreset, model_name: str, root: Path | None = None) -> list[str]:
+    """The other CPUs that have host records of ``model_name`` under ``root`` (the shipped ones by
+    default): ``["rocketlake", "znver4"]``; [] for a target that is not the host."""
+    if preset.name != "host":
+        return []
+    root = Path(default_root() if root is None else root)
+    mine = targets.records_name(preset)
+    return sorted(d.name.removeprefix("host-") for d in root.glob("host-*")
+                  if d.name != mine and (d / model_name / WORKLOAD_FILE).is_file())
 
 
 def _target_dict(preset: targets.TargetPreset) -> dict:

@@ -125,6 +125,15 @@ def resolve(spec: str, cross_compiler: str | None = None) -> TargetPreset:
     return preset
 
 
+def records_name(preset: TargetPreset) -> str:
+    """The ``<target>`` of a records dir (``tuning_logs/<target>/<model>/``): the preset's name,
+    and the host's CPU with it (``host-znver4``) — tuning records belong to the CPU that measured
+    them, so each CPU's go to a dir of their own and a build finds this CPU's."""
+    if preset.name == "host":
+        return f"host-{preset.target.get('mcpu') or 'generic'}"
+    return preset.name
+
+
 def with_threads(preset: TargetPreset, threads: int | None) -> TargetPreset:
     """``preset`` with ``num-cores`` = ``threads`` (``--threads``: the cores the code will run
     on, which MetaSchedule sizes its parallel loops for); unchanged when ``threads`` is None."""

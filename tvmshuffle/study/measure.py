@@ -80,7 +80,7 @@ def records_dirs(config: StudyConfig, preset: targets.TargetPreset) -> tuple[Pat
     if given is not None and _is_records_dir(given):
         return given, []
     root = given if given is not None else default_root()
-    study = records_dir_for(preset.name, STUDY_RECORDS, root)
+    study = records_dir_for(preset, STUDY_RECORDS, root)
     others = []
     if study.parent.is_dir():
         others = sorted(d for d in study.parent.iterdir()
