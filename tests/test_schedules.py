@@ -20,7 +20,8 @@ from tvm import relax
 
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.errors import UserError
-from tvmshuffle.records import RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, note_hand_measured, read_hand_measured
+from tvmshuffle.records import (RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, note_hand_measured, read_hand_measured,
+                                read_hand_wins)
 from tvmshuffle.ops import channel_shuffle_ref, emit_shuffle_gather, emit_shuffle_group_conv2d, shuffle_group_conv2d_ref
 
 HOST = targets.resolve("host")
@@ -577,6 +578,46 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
     assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
 
 
+def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(tmp_path):
+    """Records whose best by their own times is a serial schedule (TVM's lowering, the bias add
+    inlined), recorded 5x faster than the hand schedule: a build takes it. The duel times both
+    side by side, finds the hand schedule faster, notes it in ``hand_wins.json``, and the build
+    then gives the kernel its hand schedule. Negative: records that never measured the hand
+    schedule have no duel (and the hand schedule goes first anyway)."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from tvmshuffle import duel
+
+    mod, _ = _lowered(*LAYERS["pw_v2_half_28"])
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
+    func = mod[gv]
+    kernel = _normalize_mod(func)
+    hand_trace = schedules.database(HOST).db.query_schedule(kernel, targets.tvm_target(HOST), gv.name_hint).trace
+    serial = s_tir.Schedule(kernel)
+    serial.compute_inline(serial.get_sblock("T_add"))
+    hand_print = schedules.hand_fingerprint(kernel, HOST)
+    records = _records(tmp_path / "r", kernel, func, [(hand_trace, 5e-6), (serial.trace, 1e-6)], hand_print)
+
+    def carries(want) -> bool:
+        try:
+            tvm.ir.assert_structural_equal(pipeline.schedule(mod, HOST, records)[0][gv].body, want.body)
+            return True
+        except ValueError:
+            return False
+
+    hand_built = pipeline.schedule(mod, HOST)[0][gv]
+    assert carries(serial.mod["main"]) and not carries(hand_built)  # the records' best, by their times
+    (bout,) = duel.duel(mod, HOST, records)
+    assert bout.kernel == gv.name_hint and bout.hand_wins and bout.hand_ms < bout.record_ms
+    assert read_hand_wins(records) == {schedules.workload_key(kernel): hand_print}
+    assert carries(hand_built)
+    assert pipeline.schedule(mod, HOST, records)[1:] == (0, 1)
+
+    never = _records(tmp_path / "never", kernel, func, [(serial.trace, 1e-6)], None)
+    assert duel.duel(mod, HOST, never) == [] and read_hand_wins(never) == {}
+
+
 @pytest.mark.parametrize("text", ["{", "[1, 2]"])
 def test_an_unreadable_hand_schedules_json_is_one_line_naming_it(tmp_path, text):
     """A ``hand_schedules.json`` that is not a JSON object: a UserError naming the file (the CLI's
@@ -650,7 +691,7 @@ def test_a_hand_fingerprint_is_its_schedule():
 
 
 FAST_TUNE = dict(search_population=32, number=1, repeat=1, min_repeat_ms=0, progress=False,
-                 builder_timeout_sec=120, runner_timeout_sec=60, trials_per_batch=4)
+                 builder_timeout_sec=120, runner_timeout_sec=60, trials_per_batch=4, duel=False)
 
 
 def _hand_records(records_dir: Path) -> int:
@@ -671,8 +712,8 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path, caplog):
 
     mod, reference = _lowered(*LAYERS["pw_v2_half_28"])
     records = tmp_path / "host" / "layer"
-    with caplog.at_level(logging.INFO, logger="tvmshuffle.tuning"):
-        result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records, **FAST_TUNE))  # seeds
+    with caplog.at_level(logging.INFO, logger="tvmshuffle"):
+        result = tuning.tune(mod, HOST, tuning.TuneConfig(trials=4, records_dir=records, **{**FAST_TUNE, "duel": True}))
     seed_log = [r.getMessage() for r in caplog.records if "hand schedule" in r.getMessage()]
     assert any("seeded with the hand schedule" in m for m in seed_log), seed_log
     assert any("measured again after the search" in m for m in seed_log), seed_log
@@ -684,9 +725,15 @@ def test_tuning_starts_from_the_hand_schedule(tmp_path, caplog):
     assert json.loads((records / TARGET_FILE).read_text())["seed_schedules"] == "hand"
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and schedules.describe(f)]
     kernel = _normalize_mod(func)
-    assert read_hand_measured(records) == {schedules.workload_key(kernel): schedules.hand_fingerprint(kernel, HOST)}
-    executable, tuned, _ = pipeline.build(mod, HOST, records)
-    assert tuned == 1
+    measured = {schedules.workload_key(kernel): schedules.hand_fingerprint(kernel, HOST)}
+    assert read_hand_measured(records) == measured
+    # the duel at the end timed the best record against the hand schedule side by side: the
+    # kernel gets the hand schedule where it was not slower (hand_wins.json), else the record
+    assert "duel of each kernel's best record and its hand schedule" in caplog.text
+    wins = read_hand_wins(records)
+    assert wins in ({}, measured)
+    executable, tuned, hand = pipeline.build(mod, HOST, records)
+    assert (tuned, hand) == ((0, 1) if wins else (1, 0))
     data = np.random.default_rng(2).standard_normal(LAYERS["pw_v2_half_28"][0]).astype("float32")
     expected = reference(data)
     np.testing.assert_allclose(_run(executable, data), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -147,7 +147,7 @@ def cmd_tune(args) -> int:
                                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                                device_wait_sec=args.rpc_timeout, trials_per_batch=args.trials_per_batch,
                                seed_schedules=args.schedules, threads=args.threads,
-                               affinity=args.affinity, cache=args.cache, **measure)
+                               affinity=args.affinity, cache=args.cache, duel=not args.no_duel, **measure)
     preset = targets.resolve(args.target, args.cross_compiler)
     imported = frontend.load(args.model, frontend.parse_input_shape(args.input_shape), args.weights)
     records = Path(args.tuning_records) if args.tuning_records else records_dir_for(
@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time each candidate as the model runs it: its weights and output evicted from the "
                         "caches before each call (cold, the default), or repeated on hot caches (warm: "
                         "MetaSchedule's default)")
+    p.add_argument("--no-duel", action="store_true",
+                   help="skip the end's duel: each kernel's best record timed against its hand schedule side by "
+                        "side, the hand schedule kept where it is not slower (hand_wins.json; here only, not over RPC)")
     p.add_argument("--number", type=int, help="runs averaged per measurement of a candidate (default: cold 1, warm 3)")
     p.add_argument("--repeat", type=int, help="measurements per candidate, median kept (default: cold 10, warm 1)")
     p.add_argument("--min-repeat-ms", type=int, metavar="MS",

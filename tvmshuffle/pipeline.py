@@ -119,7 +119,9 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
       (``tvmshuffle tune`` does by default: it builds, measures and commits each kernel's hand
       schedule before searching, and notes it in ``hand_schedules.json``): **its best record**,
       the faster of that hand schedule and everything the search found, as measured on the CPU
-      that tuned them;
+      that tuned them — unless the hand schedule won the duel at the end of ``tune`` (timed
+      side by side with that best record, ``hand_wins.json``, :mod:`tvmshuffle.duel`): then
+      **the hand schedule**;
     * a kernel whose records never measured its hand schedule (tuned with ``--schedules none``,
       with another ISA's schedules, or before its schedule file changed): **the hand
       schedule**, since the records never competed with it;
@@ -151,7 +153,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     records = open_records(Path(tuning_records), preset, force_records) if tuning_records is not None else None
     hand = None
     if source != schedules.NONE:
-        hand = schedules.database(preset, source, defer=records.measured if records else None)
+        hand = schedules.database(preset, source, defer=records.go_first if records else None)
     databases = [db for db in (hand.db if hand else None, records.db if records else None) if db is not None]
     from_hand = tuned = 0
     with targets.tvm_target(preset):

@@ -17,7 +17,10 @@ names its CPU, ``host-znver4``, since tuning records belong to the CPU that meas
     noted by ``tune`` after measuring a hand schedule (:func:`note_hand_measured`). Where the
     records measured the hand schedule a build would use, their best is never slower than it
     and goes first; where they did not (tuned without hand schedules, with another ISA's, or
-    before a schedule file changed), the hand schedule goes first (:meth:`Records.measured`).
+    before a schedule file changed), the hand schedule goes first (:meth:`Records.go_first`);
+``hand_wins.json``
+    the kernels whose hand schedule beat the records' best when ``tune`` timed the two side by
+    side at its end (:mod:`tvmshuffle.duel`): their hand schedule goes first.
 
 :func:`apply_records` puts the best record of each kernel into a lowered module.
 """
@@ -28,7 +31,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _shipped, targets
@@ -41,6 +44,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
 HAND_FILE = "hand_schedules.json"
+WINS_FILE = "hand_wins.json"
 
 #: target attributes that do not change the generated code (compared with a warning only)
 _NON_CODEGEN_KEYS = ("num-cores",)
@@ -332,10 +336,8 @@ def check_records(records_dir: Path, preset: targets.TargetPreset, force: bool =
     return check_target(records_dir, preset, "apply", force)
 
 
-def read_hand_measured(records_dir: Path) -> dict[str, str]:
-    """``hand_schedules.json``: kernel → fingerprint of the hand schedule the records measured
-    for it ({} when there is none: records tuned without hand schedules, or before the file)."""
-    path = Path(records_dir) / HAND_FILE
+def _read_kernel_map(path: Path) -> dict[str, str]:
+    """A ``{kernel: fingerprint}`` file ({} when there is none)."""
     if not path.exists():
         return {}
     try:
@@ -345,6 +347,22 @@ def read_hand_measured(records_dir: Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in data.items()}
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable ({err})") from None
+
+
+def read_hand_measured(records_dir: Path) -> dict[str, str]:
+    """``hand_schedules.json``: kernel → fingerprint of the hand schedule the records measured
+    for it ({} when there is none: records tuned without hand schedules, or before the file)."""
+    return _read_kernel_map(Path(records_dir) / HAND_FILE)
+
+
+def read_hand_wins(records_dir: Path) -> dict[str, str]:
+    """``hand_wins.json``: kernel → fingerprint of the hand schedule that beat the records' best
+    for it when both were timed side by side (:mod:`tvmshuffle.duel`; {} when there is none)."""
+    return _read_kernel_map(Path(records_dir) / WINS_FILE)
+
+
+def write_hand_wins(records_dir: Path, wins: dict[str, str]) -> None:
+    atomic_write(Path(records_dir) / WINS_FILE, json.dumps(wins, indent=1, sort_keys=True) + "\n")
 
 
 def note_hand_measured(records_dir: Path, key: str, fingerprint: str) -> None:
@@ -365,11 +383,15 @@ class Records:
     db: object
     #: ``hand_schedules.json``: kernel → the hand schedule the records measured for it
     hand_measured: dict[str, str]
+    #: ``hand_wins.json``: kernel → the hand schedule that beat the records' best side by side
+    hand_wins: dict[str, str] = field(default_factory=dict)
 
-    def measured(self, key: str, fingerprint: str) -> bool:
-        """Whether the records measured hand schedule ``fingerprint`` of kernel ``key``: their
-        best is then never slower than it (the ``defer`` of :func:`tvmshuffle.schedules.database`)."""
-        return self.hand_measured.get(key) == fingerprint
+    def go_first(self, key: str, fingerprint: str) -> bool:
+        """Whether the records' best goes before hand schedule ``fingerprint`` of kernel ``key``
+        (the ``defer`` of :func:`tvmshuffle.schedules.database`): they measured it, so their best
+        is never slower than it by their own times, and it did not win the duel
+        (:mod:`tvmshuffle.duel`: both timed again side by side)."""
+        return self.hand_measured.get(key) == fingerprint and self.hand_wins.get(key) != fingerprint
 
 
 def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> Records | None:
@@ -387,7 +409,7 @@ def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = 
             import shutil
 
             shutil.rmtree(db_dir, ignore_errors=True)
-    return Records(records_dir, database, read_hand_measured(records_dir))
+    return Records(records_dir, database, read_hand_measured(records_dir), read_hand_wins(records_dir))
 
 
 def apply_records(mod, preset: targets.TargetPreset, records_dir: Path, force: bool = False):

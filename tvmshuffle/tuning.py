@@ -15,7 +15,10 @@ repair, applying them at build time).
     another target (upstream's database is not target-aware, apache/tvm#15549).
 ``hand_schedules.json``
     the hand schedule measured for each kernel (:func:`tvmshuffle.records.note_hand_measured`):
-    a build lets the records go first for the kernels whose hand schedule they measured.
+    a build lets the records go first for the kernels whose hand schedule they measured,
+``hand_wins.json``
+    except where the hand schedule won the duel at the end of the run (:mod:`tvmshuffle.duel`:
+    each kernel's best record and its hand schedule timed again side by side, here).
 ``curve.json``
     estimated network latency (sum over tasks of weight × best latency) against trials.
 ``logs/``
@@ -149,6 +152,9 @@ class TuneConfig:
     #: run with; ``threads`` is also the target's ``num-cores``. None: left as it is
     threads: int | None = None
     affinity: str | None = None
+    #: at the end, time each kernel's best record against its hand schedule side by side, here
+    #: (not over RPC), and note where the hand schedule wins (:mod:`tvmshuffle.duel`; ``--no-duel``)
+    duel: bool = True
 
     @property
     def thread_config(self) -> ThreadConfig:
@@ -809,6 +815,11 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     finally:
         for lg in loggers:
             _close_logger(lg)
+    if config.duel and config.rpc_tracker is None and config.seed_schedules not in (None, "none"):
+        from . import duel
+
+        configure_local_threads(config.thread_config, quiet=True)  # the kernels as candidates ran
+        duel.duel(mod, preset, records_dir, config.seed_schedules)
     res = TuneResult(records_dir, tracker.run_trials, tracker.total_trials, tracker.stats,
                      tracker.est_latency_ms(), time.perf_counter() - start)
     est = f"{res.est_latency_ms:.3f} ms" if res.est_latency_ms is not None else "n/a"
