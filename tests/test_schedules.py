@@ -618,6 +618,38 @@ def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(t
     assert duel.duel(mod, HOST, never) == [] and read_hand_wins(never) == {}
 
 
+def test_a_kernel_whose_record_lost_to_tvms_own_schedule_keeps_it(tmp_path):
+    """A kernel no hand schedule takes (the global mean) with a record: a build applies the
+    record, unless ``hand_wins.json`` says TVM's own schedule won the duel (``"default"``): then
+    the kernel stays as lowered, counted neither tuned nor hand-scheduled."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from tvmshuffle.records import DEFAULT, write_hand_wins
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 24, 28, 28), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3])))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), HOST, fuse=False)
+    (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernel = _normalize_mod(mod[gv])
+    assert schedules.hand_fingerprint(kernel, HOST) is None
+    record = s_tir.Schedule(kernel)
+    record.parallel(record.get_loops(record.get_sblock("x_red"))[1])
+    records = _records(tmp_path / "r", kernel, mod[gv], [(record.trace, 1e-6)], None)
+
+    scheduled, tuned, hand = pipeline.schedule(mod, HOST, records)
+    tvm.ir.assert_structural_equal(scheduled[gv].body, record.mod["main"].body)
+    assert (tuned, hand) == (1, 0)
+    write_hand_wins(records, {schedules.workload_key(kernel): DEFAULT})
+    scheduled, tuned, hand = pipeline.schedule(mod, HOST, records)
+    tvm.ir.assert_structural_equal(scheduled[gv].body, mod[gv].body)
+    assert (tuned, hand) == (0, 0)
+
+
 @pytest.mark.parametrize("text", ["{", "[1, 2]"])
 def test_an_unreadable_hand_schedules_json_is_one_line_naming_it(tmp_path, text):
     """A ``hand_schedules.json`` that is not a JSON object: a UserError naming the file (the CLI's

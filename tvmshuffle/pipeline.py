@@ -125,7 +125,8 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     * a kernel whose records never measured its hand schedule (tuned with ``--schedules none``,
       with another ISA's schedules, or before its schedule file changed): **the hand
       schedule**, since the records never competed with it;
-    * a kernel no hand schedule takes: its best record, if any;
+    * a kernel no hand schedule takes: its best record, if any — unless TVM's own schedule won
+      the duel against it (``hand_wins.json``: ``"default"``): then TVM's own;
     * no records (none given, or another CPU's, set aside with a note): the hand schedules
       where they fit;
     * ``--schedules none``: the records alone; no records either: TVM's own lowering (the
@@ -153,7 +154,8 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     records = open_records(Path(tuning_records), preset, force_records) if tuning_records is not None else None
     hand = None
     if source != schedules.NONE:
-        hand = schedules.database(preset, source, defer=records.go_first if records else None)
+        hand = schedules.database(preset, source, defer=records.go_first if records else None,
+                                    keep_default=records.default_wins if records else None)
     databases = [db for db in (hand.db if hand else None, records.db if records else None) if db is not None]
     from_hand = tuned = 0
     with targets.tvm_target(preset):
@@ -167,7 +169,8 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
             # what each kernel got: its hand schedule (the hand database answered), else a record
             done = scheduled_names(scheduled) - scheduled_names(mod)
             from_hand = sum(1 for name in done if hand is not None and keys[name] in hand.answered)
-            tuned = len(done) - from_hand
+            kept_default = sum(1 for name in done if hand is not None and keys[name] in hand.defaulted)
+            tuned = len(done) - from_hand - kept_default
             mod = scheduled
         mod = tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),

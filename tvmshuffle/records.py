@@ -20,7 +20,8 @@ names its CPU, ``host-znver4``, since tuning records belong to the CPU that meas
     before a schedule file changed), the hand schedule goes first (:meth:`Records.go_first`);
 ``hand_wins.json``
     the kernels whose hand schedule beat the records' best when ``tune`` timed the two side by
-    side at its end (:mod:`tvmshuffle.duel`): their hand schedule goes first.
+    side at its end (:mod:`tvmshuffle.duel`): their hand schedule goes first; and (``"default"``)
+    the kernels no hand schedule takes whose best record lost to TVM's own schedule: they keep it.
 
 :func:`apply_records` puts the best record of each kernel into a lowered module.
 """
@@ -45,6 +46,8 @@ RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
 HAND_FILE = "hand_schedules.json"
 WINS_FILE = "hand_wins.json"
+#: ``hand_wins.json``'s value for a kernel no hand schedule takes that keeps TVM's own schedule
+DEFAULT = "default"
 
 #: target attributes that do not change the generated code (compared with a warning only)
 _NON_CODEGEN_KEYS = ("num-cores",)
@@ -357,7 +360,8 @@ def read_hand_measured(records_dir: Path) -> dict[str, str]:
 
 def read_hand_wins(records_dir: Path) -> dict[str, str]:
     """``hand_wins.json``: kernel → fingerprint of the hand schedule that beat the records' best
-    for it when both were timed side by side (:mod:`tvmshuffle.duel`; {} when there is none)."""
+    for it when both were timed side by side (:mod:`tvmshuffle.duel`), or ``"default"``: TVM's own
+    schedule beat it ({} when there is none)."""
     return _read_kernel_map(Path(records_dir) / WINS_FILE)
 
 
@@ -392,6 +396,12 @@ class Records:
         is never slower than it by their own times, and it did not win the duel
         (:mod:`tvmshuffle.duel`: both timed again side by side)."""
         return self.hand_measured.get(key) == fingerprint and self.hand_wins.get(key) != fingerprint
+
+    def default_wins(self, key: str) -> bool:
+        """Whether kernel ``key`` (no hand schedule takes it) keeps TVM's own schedule: the
+        records' best was slower than it in the duel (the ``keep_default`` of
+        :func:`tvmshuffle.schedules.database`)."""
+        return self.hand_wins.get(key) == DEFAULT
 
 
 def open_records(records_dir: Path, preset: targets.TargetPreset, force: bool = False) -> Records | None:

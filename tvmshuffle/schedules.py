@@ -276,6 +276,8 @@ class HandDatabase:
     errors: list[str] = field(default_factory=list)
     #: the kernels (:func:`workload_key`) it answered for
     answered: set[str] = field(default_factory=set)
+    #: the kernels it answered for with TVM's own schedule (``keep_default``)
+    defaulted: set[str] = field(default_factory=set)
 
     def fits(self, func) -> bool:
         """Whether a hand schedule takes PrimFunc ``func`` (what the database will answer for,
@@ -289,7 +291,8 @@ class HandDatabase:
             raise UserError(self.errors[0])
 
 
-def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, defer=None) -> HandDatabase:
+def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, defer=None,
+             keep_default=None) -> HandDatabase:
     """The hand schedules of ``source`` for ``preset`` as an ``ms.database.ScheduleFnDatabase``.
 
     Asked for a PrimFunc, it schedules it with the first schedule file that takes it (tile
@@ -298,6 +301,8 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
     (:func:`workload_key`, :func:`fingerprint`): True where tuning records measured exactly this
     hand schedule of the kernel; it then answers nothing there, and the records (next in an
     ``OrderedUnionDatabase``) answer with their best, which is never slower than it.
+    ``keep_default(key)``: True for a kernel no hand schedule takes whose records' best lost the
+    duel to TVM's own schedule (:mod:`tvmshuffle.duel`); it answers with the kernel as lowered.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -309,6 +314,9 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
         func = sch.mod["main"]
         if is_scheduled(func):
             return False
+        if keep_default is not None and keep_default(workload_key(sch.mod)):
+            hand.defaulted.add(workload_key(sch.mod))
+            return True  # TVM's own schedule, as lowered: the records' best was slower side by side
         layer = describe(func)
         module = find(layer, isa, modules) if layer is not None else None
         if module is None:
