@@ -368,3 +368,19 @@ def test_tune_bad_measurement_flags(tmp_path, args, needle):
     proc = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--tuning-records", tmp_path / "r", *args)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "r").exists()  # checked before anything is imported or written
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_ends_with_the_duel_unless_no_duel(tmp_path):
+    """``tune`` ends by timing each kernel's best record against its hand schedule
+    (``hand_wins.json``, see tvmshuffle/duel.py); ``--no-duel`` skips that."""
+    procs = {}
+    for name, flags in (("duel", ()), ("no-duel", ("--no-duel",))):
+        procs[name] = cli("tune", SMALL, "--input-shape", "1,3,64,64", "--trials", 2, "--search-population", 32,
+                          "--tuning-records", tmp_path / name, *flags)
+        assert procs[name].returncode == 0, procs[name].stderr
+    assert "duel of each kernel's best record" in procs["duel"].stdout + procs["duel"].stderr
+    assert json.loads((tmp_path / "duel" / "hand_wins.json").read_text()) is not None
+    assert "duel of" not in procs["no-duel"].stdout + procs["no-duel"].stderr
+    assert not (tmp_path / "no-duel" / "hand_wins.json").exists()
