@@ -578,7 +578,7 @@ def test_the_database_picks_the_faster_of_a_record_and_a_hand_schedule(tmp_path)
     assert carried(pipeline.schedule(mod, HOST)[0]) == ["hand"]
 
 
-def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(tmp_path):
+def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(tmp_path, caplog):
     """Records whose best by their own times is a serial schedule (TVM's lowering, the bias add
     inlined), recorded 5x faster than the hand schedule: a build takes it. The duel times both
     side by side, finds the hand schedule faster, notes it in ``hand_wins.json``, and the build
@@ -612,7 +612,9 @@ def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(t
     assert bout.kernel == gv.name_hint and bout.hand_wins and bout.hand_ms < bout.record_ms
     assert read_hand_wins(records) == {schedules.workload_key(kernel): hand_print}
     assert carries(hand_built)
-    assert pipeline.schedule(mod, HOST, records)[1:] == (0, 1)
+    with caplog.at_level("INFO", logger="tvmshuffle.pipeline"):
+        assert pipeline.schedule(mod, HOST, records)[1:] == (0, 1)
+    assert "1 kernels get their hand schedule (1 won the duel against the records' best" in caplog.text
 
     never = _records(tmp_path / "never", kernel, func, [(serial.trace, 1e-6)], None)
     assert duel.duel(mod, HOST, never) == [] and read_hand_wins(never) == {}

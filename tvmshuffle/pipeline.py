@@ -178,8 +178,10 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
             relax.transform.DeadCodeElimination(),
         ])(mod)
     if hand is not None and hand.answered and records is not None:
-        log.info("%s: %d kernels get their hand schedule, which the records never measured (tuned without "
-                 "it, or before it changed; `tvmshuffle tune` measures it)", records.path, from_hand)
+        won = sum(1 for key in hand.answered if key in records.hand_wins and records.hand_wins[key] == records.hand_measured.get(key))
+        log.info("%s: %d kernels get their hand schedule (%d won the duel against the records' best; the others "
+                 "the records never measured: tuned without it, or before it changed, `tvmshuffle tune` measures it)",
+                 records.path, from_hand, won)
     log.info("scheduled %d kernels from %s, %s", tuned, records.path if records else "no records",
              f"{from_hand} with {source} schedules" if hand is not None else "no hand schedules (--schedules none)")
     return mod, tuned, from_hand
