@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", help="records dirs (each with a curve.json)")
-    parser.add_argument("-o", "--output", default="docs/tuning_curve.png")
+    parser.add_argument("-o", "--output", default="tuning_curve.png")
     args = parser.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4))
     for records in map(Path, args.records):
