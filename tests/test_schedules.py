@@ -620,6 +620,17 @@ def test_the_duel_gives_the_hand_schedule_back_where_the_best_record_is_slower(t
     assert duel.duel(mod, HOST, never) == [] and read_hand_wins(never) == {}
 
 
+def _mean_model():
+    """A model of one kernel no hand schedule takes: the global mean before the classifier, lowered."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 24, 28, 28), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3])))
+        bb.emit_func_output(out)
+    return pipeline.lower(bb.get(), HOST, fuse=False)
+
+
 def test_a_kernel_whose_record_lost_to_tvms_own_schedule_keeps_it(tmp_path):
     """A kernel no hand schedule takes (the global mean) with a record: a build applies the
     record, unless ``hand_wins.json`` says TVM's own schedule won the duel (``"default"``): then
@@ -629,13 +640,7 @@ def test_a_kernel_whose_record_lost_to_tvms_own_schedule_keeps_it(tmp_path):
 
     from tvmshuffle.records import DEFAULT, write_hand_wins
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 24, 28, 28), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3])))
-        bb.emit_func_output(out)
-    mod = pipeline.lower(bb.get(), HOST, fuse=False)
+    mod = _mean_model()
     (gv,) = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     kernel = _normalize_mod(mod[gv])
     assert schedules.hand_fingerprint(kernel, HOST) is None
@@ -816,13 +821,7 @@ def test_a_task_no_hand_schedule_fits_starts_from_tvms_default(tmp_path, caplog)
 
     from tvmshuffle import tuning
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 24, 28, 28), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3])))
-        bb.emit_func_output(out)
-    mod = pipeline.lower(bb.get(), HOST, fuse=False)
+    mod = _mean_model()
     records = tmp_path / "host" / "mean"
     with caplog.at_level(logging.INFO, logger="tvmshuffle.tuning"):
         tuning.tune(mod, HOST, tuning.TuneConfig(trials=1, records_dir=records, **FAST_TUNE))
