@@ -90,12 +90,13 @@ def _from_records(mod) -> set[str]:
 
 def duel(mod, preset: targets.TargetPreset, records_dir: Path, source: str = "hand", number: int = 10,
          repeat: int = 5) -> list[Bout]:
-    """Time each kernel of the lowered model ``mod`` whose records (``records_dir``) measured its hand
-    schedule (``source``) against its best record, and write ``hand_wins.json``: the kernels
-    where the hand schedule was not slower. Returns the bouts, one per such kernel."""
-    from . import pipeline, schedules
-
+    """Time each kernel of the lowered model ``mod`` that the records (``records_dir``) schedule
+    against its hand schedule (``source``; where the records measured it) or, where no hand
+    schedule fits, TVM's own schedule, and write ``hand_wins.json``: the kernels where the record
+    was not faster. Returns the bouts, one per such kernel."""
     from tvm import relax
+
+    from . import pipeline, schedules
 
     if not any(gv.name_hint == "main" and isinstance(f, relax.Function) for gv, f in mod.functions.items()):
         return []  # kernels without a model (the study's layers): nothing calls them
