@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import targets
-from .records import DEFAULT, open_records, read_hand_measured, write_hand_wins
+from .records import DEFAULT, check_records, read_hand_measured, write_hand_wins
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,6 @@ def _side_by_side(hand_mod, records_mod, preset, number: int, repeat: int) -> di
     return times
 
 
-def _kernel(mod, name: str):
-    """Kernel ``name`` of ``mod`` as MetaSchedule normalizes it (the records' workload)."""
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    return _normalize_mod(mod[name])
-
-
 def _from_records(mod) -> set[str]:
     """The kernels (names as lowered) a records-only build scheduled."""
     from .tir_analysis import scheduled_names
@@ -101,11 +94,11 @@ def duel(mod, preset: targets.TargetPreset, records_dir: Path, source: str = "ha
     if not any(gv.name_hint == "main" and isinstance(f, relax.Function) for gv, f in mod.functions.items()):
         return []  # kernels without a model (the study's layers): nothing calls them
     records_dir = Path(records_dir)
-    records = open_records(records_dir, preset)
     measured = read_hand_measured(records_dir)
     keys = pipeline._workload_keys(mod)  # noqa: SLF001 - kernel name → workload key
-    if records is None or not any(key in measured for key in keys.values()):
-        return []
+    if not check_records(records_dir, preset) or not any(key in measured for key in keys.values()):
+        return []  # another CPU's records (set aside, a note logged), or none measured a hand schedule
+    hand_db = schedules.database(preset, source)
     records_only = pipeline.schedule(mod, preset, records_dir, schedules.NONE)[0]
     times = _side_by_side(pipeline.schedule(mod, preset, None, source)[0], records_only, preset, number, repeat)
     tuned = _from_records(records_only)
@@ -117,7 +110,7 @@ def duel(mod, preset: targets.TargetPreset, records_dir: Path, source: str = "ha
             bout = Bout(name, *times[name])
             if bout.hand_wins:
                 wins[key] = measured[key]
-        elif name in tuned and schedules.hand_fingerprint(_kernel(mod, name), preset, source) is None:
+        elif name in tuned and not hand_db.fits(mod[name]):
             bout = Bout(name, *times[name], DEFAULT)  # no hand schedule: TVM's own
             if bout.hand_wins:
                 wins[key] = DEFAULT

@@ -314,14 +314,14 @@ def database(preset: targets.TargetPreset, source: str | os.PathLike = HAND, def
         func = sch.mod["main"]
         if is_scheduled(func):
             return False
-        if keep_default is not None and keep_default(workload_key(sch.mod)):
-            hand.defaulted.add(workload_key(sch.mod))
+        key = workload_key(sch.mod)
+        if keep_default is not None and keep_default(key):
+            hand.defaulted.add(key)
             return True  # TVM's own schedule, as lowered: the records' best was slower side by side
         layer = describe(func)
         module = find(layer, isa, modules) if layer is not None else None
         if module is None:
             return False
-        key = workload_key(sch.mod)
         try:
             module.apply(sch, layer, isa, sample=False)
         except Exception as err:  # noqa: BLE001 - a schedule that does not apply is a user-facing bug
