@@ -31,8 +31,8 @@ MY_RECORDS := $(OUT)/tuning_logs/host/$(MODEL)
 # The shipped records of this CPU (tuning_logs/host-<cpu>/: each CPU's records in a dir of their
 # own), or where none were shipped for it, another CPU's (a build sets them aside with a note).
 # Expanded when the demo runs, after .venv exists.
-CPU = $(shell $(BIN)/python -c "from tvmshuffle import targets; print(targets.resolve('host').target['mcpu'])")
-RECORDS = $(firstword $(wildcard tuning_logs/host-$(CPU)/$(MODEL)) tuning_logs/host-rocketlake/$(MODEL))
+HOST_RECORDS = $(shell $(BIN)/python -c "from tvmshuffle import targets; print(targets.records_name(targets.resolve('host')))")
+RECORDS = $(firstword $(wildcard tuning_logs/$(HOST_RECORDS)/$(MODEL)) tuning_logs/host-rocketlake/$(MODEL))
 
 # The main job, on whatever CPU this is: the untuned build, the hand-scheduled build (no tuning),
 # a short tuning run on this CPU seeded from the hand schedules and the build with its records,

@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
-CPU=$(.venv/bin/python -c "from tvmshuffle import targets; print(targets.resolve('host').target['mcpu'])")
-RECORDS=tuning_logs/host-$CPU
-OUT=docs/$CPU
+HOST_RECORDS=$(.venv/bin/python -c "from tvmshuffle import targets; print(targets.records_name(targets.resolve('host')))")
+RECORDS=tuning_logs/$HOST_RECORDS
+OUT=docs/${HOST_RECORDS#host-}
 mkdir -p "$OUT"
 for model in shufflenet_v1_g3_x1_0 shufflenet_v2_x1_0; do
   .venv/bin/tvmshuffle bench "$model" --threads "$THREADS" --repeat 40 \
