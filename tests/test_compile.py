@@ -1,5 +1,6 @@
 """import → lower → build → export, checked against PyTorch, for every zoo model and target kind."""
 
+import json
 import re
 import shutil
 import struct
@@ -136,6 +137,24 @@ def test_host_library_is_native(tmp_path):
     result = pipeline.compile_model(SMALL, tmp_path / "m.so", pipeline.CompileConfig(input_shape=SHAPE))
     assert _elf_machine_and_type(result.output) == (EM_X86_64, ET_DYN)
     assert result.kernels > 10
+
+
+def test_x86_host_preset_keeps_llvm_from_gathering(tmp_path):
+    """The host preset's LLVM features (targets.X86_HOST_FEATURES) on x86: the stride-2 loads of
+    the stem and the pools, and a channel vector of an NCHW tensor, are not AVX-512 gathers.
+    Without them LLVM makes gathers for Zen 4 (and Intel's AVX-512 CPUs): compiled for znver4
+    both ways, the code not run (this CPU may lack AVX-512)."""
+    if targets._host_is_x86():
+        assert list(targets.X86_HOST_FEATURES) == targets.resolve("host").target["mattr"]
+    zen4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}
+    gathers = {}
+    for name, target in [("llvm's", zen4), ("host's", {**zen4, "mattr": list(targets.X86_HOST_FEATURES)})]:
+        result = pipeline.compile_model(SMALL, tmp_path / f"{name}.so", pipeline.CompileConfig(
+            target=json.dumps(target), input_shape=SHAPE, dump_code=("asm",)))
+        asm = result.dumps["asm"].read_text()
+        assert "%zmm" in asm or "%ymm" in asm  # vector code either way
+        gathers[name] = len(re.findall(r"\bvgather", asm))
+    assert gathers["llvm's"] > 0 and gathers["host's"] == 0, gathers
 
 
 def test_run_rejects_wrong_input_shape(tmp_path):

@@ -284,6 +284,25 @@ def test_apply_refuses_records_of_another_target(tiny, tmp_path):
         tuning.tune(mod, preset, tuning.TuneConfig(trials=4, records_dir=rec, **FAST))
 
 
+def test_records_from_before_the_host_features_apply(tmp_path):
+    """Records whose target lacks the LLVM features the host preset adds (targets.X86_HOST_FEATURES:
+    how LLVM lowers a load, not which schedule fits) apply to this CPU; a feature the user chose
+    is still a target of its own."""
+    host = targets.resolve("host")
+    rec = _fake_records(tmp_path / "host" / "m", "host")
+    stored = json.loads((rec / TARGET_FILE).read_text())
+    if targets._host_is_x86():
+        assert stored["target"]["mattr"] == list(targets.X86_HOST_FEATURES)
+    stored["target"].pop("mattr", None)
+    (rec / TARGET_FILE).write_text(json.dumps(stored))
+    assert records.check_target(rec, host, "apply") and records.set_aside(rec, host) is None
+
+    stored["target"]["mattr"] = ["+avx512f"]
+    (rec / TARGET_FILE).write_text(json.dumps(stored))
+    with pytest.raises(UserError, match=r"avx512f.*refusing to apply"):
+        records.check_target(rec, host, "apply")
+
+
 @TUNED_LOCAL
 @pytest.mark.slow
 @pytest.mark.timeout(120)

@@ -106,7 +106,12 @@ def _target_text(target: dict) -> str:
 
 
 def _codegen_part(target: dict) -> dict:
-    return {k: v for k, v in target.items() if k not in _NON_CODEGEN_KEYS}
+    """What of a target decides which records fit it: not ``num-cores``, nor the LLVM features
+    the host preset adds (:data:`tvmshuffle.targets.X86_HOST_FEATURES`, how LLVM lowers a load),
+    so records tuned before those were added still apply."""
+    part = {k: v for k, v in target.items() if k not in _NON_CODEGEN_KEYS}
+    mattr = [f for f in part.pop("mattr", []) if f not in targets.X86_HOST_FEATURES]
+    return {**part, "mattr": mattr} if mattr else part
 
 
 def read_target_json(records_dir: Path) -> dict | None:
