@@ -92,7 +92,8 @@ def other_cpus(preset: targets.TargetPreset, model_name: str, root: Path | None 
         return []
     root = Path(default_root() if root is None else root)
     mine = targets.records_name(preset)
-    return sorted(d.name.removeprefix("host-") for d in root.glob("host-*")
+    prefix = targets.HOST_RECORDS_PREFIX
+    return sorted(d.name.removeprefix(prefix) for d in root.glob(prefix + "*")
                   if d.name != mine and (d / model_name / WORKLOAD_FILE).is_file())
 
 

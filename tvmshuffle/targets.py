@@ -146,12 +146,16 @@ def resolve(spec: str, cross_compiler: str | None = None) -> TargetPreset:
     return preset
 
 
+#: what :func:`records_name` puts before the host's CPU (``host-znver4``)
+HOST_RECORDS_PREFIX = "host-"
+
+
 def records_name(preset: TargetPreset) -> str:
     """The ``<target>`` of a records dir (``tuning_logs/<target>/<model>/``): the preset's name,
     and the host's CPU with it (``host-znver4``) — tuning records belong to the CPU that measured
     them, so each CPU's go to a dir of their own and a build finds this CPU's."""
     if preset.name == "host":
-        return f"host-{preset.target.get('mcpu') or 'generic'}"
+        return HOST_RECORDS_PREFIX + (preset.target.get("mcpu") or "generic")
     return preset.name
 
 
