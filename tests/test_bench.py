@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvmshuffle import bench, frontend, pipeline, runtime, targets, tuning
+from tvmshuffle.devices import LocalDevice
 from tvmshuffle.records import records_dir_for, records_key
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
@@ -130,14 +131,39 @@ def test_check_rejects_shape_and_nan():
     assert not runtime.check(np.full((1, 10), np.nan), np.ones((1, 10)), 1e-4)[0]
 
 
+class _Recording(LocalDevice):
+    """This CPU, noting in order what it is asked to time: a kernel alone ("kernel", from the
+    step said before each) or the whole model (("model", samples))."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def step(self, what, seconds=None):
+        if what.startswith("timing kernel"):
+            self.asked.append("kernel")
+        super().step(what, seconds)
+
+    def time(self, vm, repeat, number=1):
+        self.asked.append(("model", repeat))
+        return super().time(vm, repeat, number)
+
+
 @pytest.mark.slow
 def test_profile_kernels_sum_to_the_model(tmp_path):
     from tvmshuffle import profile
     from tvmshuffle.pipeline import CompileConfig, compile_model
 
     compiled = compile_model(SMALL, tmp_path / "m.so", CompileConfig(input_shape=SHAPE))
-    result = profile.profile_library(compiled.output)
+    device = _Recording()
+    result = profile.profile_library(compiled.output, device=device)
     assert len(result.kernels) == compiled.kernels
+    # the whole model's 5 samples (the default repeat) are taken among the kernels' timings, so
+    # that the model and its kernels see the same phases of a machine whose speed drifts
+    models = [i for i, what in enumerate(device.asked) if what != "kernel"]
+    kernels = [i for i, what in enumerate(device.asked) if what == "kernel"]
+    assert sum(device.asked[i][1] for i in models) == 5 and len(kernels) == compiled.kernels
+    assert kernels[0] < models[1] and models[-1] < kernels[-1], device.asked
     assert all(k.median_ms > 0 for k in result.kernels)
     assert [k.total_ms for k in result.kernels] == sorted((k.total_ms for k in result.kernels), reverse=True)
     assert sum(k.share for k in result.kernels) == pytest.approx(1.0)
