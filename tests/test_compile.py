@@ -144,7 +144,7 @@ def test_x86_host_preset_keeps_llvm_from_gathering(tmp_path):
     the stem and the pools, and a channel vector of an NCHW tensor, are not AVX-512 gathers.
     Without them LLVM makes gathers for Zen 4 (and Intel's AVX-512 CPUs): compiled for znver4
     both ways, the code not run (this CPU may lack AVX-512)."""
-    if targets._host_is_x86():
+    if targets.host_is_x86():
         assert list(targets.X86_HOST_FEATURES) == targets.resolve("host").target["mattr"]
     zen4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}
     gathers = {}

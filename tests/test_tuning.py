@@ -291,7 +291,7 @@ def test_records_from_before_the_host_features_apply(tmp_path):
     host = targets.resolve("host")
     rec = _fake_records(tmp_path / "host" / "m", "host")
     stored = json.loads((rec / TARGET_FILE).read_text())
-    if targets._host_is_x86():
+    if targets.host_is_x86():
         assert stored["target"]["mattr"] == list(targets.X86_HOST_FEATURES)
     stored["target"].pop("mattr", None)
     (rec / TARGET_FILE).write_text(json.dumps(stored))

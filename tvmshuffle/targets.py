@@ -109,15 +109,16 @@ def _parse_raw(spec: str) -> TargetPreset:
 #: strided vector load (a stride-2 conv's or pool's input row, a channel vector of an NCHW
 #: tensor) from contiguous loads and shuffles or from scalar loads, not from an AVX2/AVX-512
 #: gather. LLVM already does that for Zen 1-3, not for Zen 4 nor Intel's AVX-512 CPUs (V1 g3
-#: 1x: 169 and 155 ``vgather``), where a gather is slow (on Zen 4) or made slow by the
-#: Downfall microcode (on most Intel CPUs since Skylake). On Zen 4, timed alone and interleaved:
+#: 1x: 169 and 155 ``vgather``), where a gather is slow (Zen 4) or made slow by the Downfall
+#: microcode (Intel's Skylake to Ice Lake and Rocket Lake cores). On Zen 4, timed alone and interleaved:
 #: max pool 3x3/2 1.3-1.7x faster, the global mean 1.25x, the average pools up to 1.45x.
 #: Tuning records apply with or without these (:func:`tvmshuffle.records.check_target`): they
 #: change how LLVM lowers a load, not the schedule a record holds.
 X86_HOST_FEATURES = ("+prefer-no-gather",)
 
 
-def _host_is_x86() -> bool:
+def host_is_x86() -> bool:
+    """Whether this machine is x86 (LLVM's host triple)."""
     from tvm.target import codegen
 
     return codegen.llvm_get_system_triple().split("-")[0] in ("x86_64", "i386", "i686")
@@ -127,7 +128,7 @@ def _host_is_x86() -> bool:
 def _host_preset() -> TargetPreset:
     base = PRESETS["host"]
     target = {"kind": "llvm", "mcpu": _host_cpu()}
-    if _host_is_x86():
+    if host_is_x86():
         target["mattr"] = list(X86_HOST_FEATURES)
     return TargetPreset(base.name, target, None, base.description)
 
