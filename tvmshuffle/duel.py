@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import targets
+from .profile import PREPACKED
 from .records import DEFAULT, check_records, read_hand_measured, write_hand_wins
 
 log = logging.getLogger(__name__)
 
-PREPACKED = "_prepacked"  # the name a kernel gets once its weight repacking moved to compile time
 
 
 @dataclass

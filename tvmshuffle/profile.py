@@ -193,7 +193,7 @@ def kernel_groups(lowered) -> dict[str, list[str]]:
 
 
 #: what a schedule that folds a weight's repacking into the constants appends to a kernel's name
-_PREPACKED = "_prepacked"
+PREPACKED = "_prepacked"
 
 
 def without_kernels(mod, names):
@@ -205,7 +205,7 @@ def without_kernels(mod, names):
     names = set(names)
     functions = {}
     for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.removesuffix(_PREPACKED) in names:
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.removesuffix(PREPACKED) in names:
             func = func.with_body(tvm.tirx.Evaluate(0))
         functions[gv] = func
     return tvm.IRModule(functions, attrs=mod.attrs)
@@ -239,7 +239,7 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     time_interleaved([(timed[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
                      warmup=1, repeat=rounds * repeat, rounds=rounds)
     median = {group: row.median_ms for group, row in timed.items()}
-    by_name = {row.kernel.name.removesuffix(_PREPACKED): row for row in kernel_rows}
+    by_name = {row.kernel.name.removesuffix(PREPACKED): row for row in kernel_rows}
     costs = []
     for group, names in groups.items():
         rows = [by_name[n] for n in names if n in by_name]
