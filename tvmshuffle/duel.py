@@ -95,7 +95,7 @@ def duel(mod, preset: targets.TargetPreset, records_dir: Path, source: str = "ha
         return []  # kernels without a model (the study's layers): nothing calls them
     records_dir = Path(records_dir)
     measured = read_hand_measured(records_dir)
-    keys = pipeline._workload_keys(mod)  # noqa: SLF001 - kernel name → workload key
+    keys = pipeline.workload_keys(mod)  # kernel name → workload key
     if not check_records(records_dir, preset) or not any(key in measured for key in keys.values()):
         return []  # another CPU's records (set aside, a note logged), or none measured a hand schedule
     hand_db = schedules.database(preset, source)

@@ -161,7 +161,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     with targets.tvm_target(preset):
         if databases:
             database = databases[0] if len(databases) == 1 else ms.database.OrderedUnionDatabase(*databases)
-            keys = _workload_keys(mod)
+            keys = workload_keys(mod)
             with database:
                 scheduled = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             if hand is not None:
@@ -187,7 +187,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
     return mod, tuned, from_hand
 
 
-def _workload_keys(mod) -> dict[str, str]:
+def workload_keys(mod) -> dict[str, str]:
     """The PrimFuncs of ``mod`` not yet scheduled: name → :func:`~tvmshuffle.schedules.workload_key`."""
     import tvm
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
