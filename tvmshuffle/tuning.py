@@ -815,7 +815,7 @@ def tune(mod, preset: targets.TargetPreset, config: TuneConfig) -> TuneResult:
     finally:
         for lg in loggers:
             _close_logger(lg)
-    if config.duel and config.rpc_tracker is None and config.seed_schedules not in (None, "none"):
+    if config.duel and config.rpc_tracker is None and config.seed_schedules is not None:
         from . import duel
 
         configure_local_threads(config.thread_config, quiet=True)  # the kernels as candidates ran
