@@ -12,6 +12,7 @@ import pytest
 from conftest import SMALL, SMALL_SHAPE, rpc_tracker_and_server
 
 from tvmshuffle import remote, runtime, targets, tuning
+from tvmshuffle.tuning import candidates
 from tvmshuffle.records import TARGET_FILE
 from tvmshuffle.errors import UserError
 from tvmshuffle.runtime import ThreadConfig
@@ -78,24 +79,24 @@ def test_pool_is_left_alone_unless_asked_and_more_threads_than_workers_is_said(p
 @pytest.mark.rpc
 @pytest.mark.timeout(120)
 def test_tuning_sessions_are_configured_before_measuring(pool_env, tmp_path):
-    """MetaSchedule's RPC runner opens each candidate's session with :func:`tuning._request_session`
+    """MetaSchedule's RPC runner opens each candidate's session with :func:`candidates._request_session`
     (its ``f_create_session``): the pool there has the threads asked for before anything is timed."""
     from tvm.s_tir import meta_schedule as ms
 
     config = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", rpc_tracker=pool_env.tracker,
                                rpc_key=pool_env.key, threads=1, affinity="big", progress=False)
-    runner, _ = tuning.make_runner(config)
+    runner, _ = candidates.make_runner(config)
     try:
         create = runner.f_create_session
         assert create.keywords["threads"] == ThreadConfig(1, "big")
     finally:
-        tuning._shutdown_runner(runner)
+        candidates.shutdown_runner(runner)
     host, port = remote.parse_tracker(pool_env.tracker)
     session = create(ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=pool_env.key,
                                          session_timeout_sec=30))
     assert remote_pool_size(session) == 1
     # here: LocalRunner's evaluator configures its worker's pool the same way
-    local, _ = tuning.make_runner(tuning.TuneConfig(trials=2, records_dir=tmp_path / "l", threads=1, progress=False))
+    local, _ = candidates.make_runner(tuning.TuneConfig(trials=2, records_dir=tmp_path / "l", threads=1, progress=False))
     try:
         assert local.f_run_evaluator.keywords["threads"] == ThreadConfig(1, None)
     finally:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tvmshuffle
 from tvmshuffle import bench, pipeline, records, remote, runtime, targets, tuning
+from tvmshuffle.tuning import candidates
 from tvmshuffle.records import (RECORD_FILE, TARGET_FILE, WORKLOAD_FILE, apply_records, records_dir_for, records_key,
                                 set_aside, write_target_json)
 from tvmshuffle.errors import UserError
@@ -166,7 +168,7 @@ def test_apply_tolerates_a_torn_last_line(tiny, tuned_local, tmp_path, caplog):
 def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
     config = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", number=2, repeat=3, min_repeat_ms=7,
                                builder_timeout_sec=11, runner_timeout_sec=13, progress=False)
-    runner, ms_runner = tuning.make_runner(config)
+    runner, ms_runner = candidates.make_runner(config)
     try:
         assert ms_runner is runner  # local
         ev = runner.evaluator_config
@@ -174,12 +176,12 @@ def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
         assert runner.timeout_sec == 13
     finally:
         runner.pool.shutdown()
-    builder = tuning.make_builder(config)
+    builder = candidates.make_builder(config)
     assert builder.timeout_sec == 11
     # over RPC: the same evaluator; each candidate's run bounded by the timeout + the device wait
     rpc = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", number=4, repeat=2, min_repeat_ms=0,
                             runner_timeout_sec=13, device_wait_sec=5, rpc_tracker="127.0.0.1:1", rpc_key="k")
-    runner, ms_runner = tuning.make_runner(rpc)
+    runner, ms_runner = candidates.make_runner(rpc)
     try:
         ev = runner.evaluator_config
         assert (ev.number, ev.repeat, ev.min_repeat_ms) == (4, 2, 0)
@@ -197,7 +199,7 @@ def test_measurement_defaults_follow_the_cache(tmp_path):
     assert (cold.builder_timeout_sec, cold.runner_timeout_sec) == (60.0, 60.0)
     warm = tuning.TuneConfig(trials=2, records_dir=tmp_path, cache="warm", repeat=2)
     assert (warm.number, warm.repeat, warm.min_repeat_ms) == (3, 2, 100)
-    runner, _ = tuning.make_runner(warm)
+    runner, _ = candidates.make_runner(warm)
     try:
         assert runner.evaluator_config.enable_cpu_cache_flush is False
     finally:
@@ -238,17 +240,17 @@ def test_a_candidate_is_timed_by_the_median_of_its_samples():
     """MetaSchedule ranks by the mean of ``run_secs``: one preempted sample (seen: 1145 us among
     ~85 us ones) would rank the candidate behind slower ones. The record keeps the median."""
     samples = [88.8e-6, 85.8e-6, 84.7e-6, 86.2e-6, 82.2e-6, 85.7e-6, 81.8e-6, 81.9e-6, 1144.7e-6, 119.3e-6]
-    assert tuning.candidate_time(samples) == [pytest.approx(85.75e-6)]
+    assert candidates.candidate_time(samples) == [pytest.approx(85.75e-6)]
     assert sum(samples) / len(samples) > 2 * 85.75e-6  # what the mean would have ranked it by
-    assert tuning.candidate_time([3.0, 1.0]) == [2.0]
-    assert tuning.candidate_time([]) == []  # nothing measured stays nothing
+    assert candidates.candidate_time([3.0, 1.0]) == [2.0]
+    assert candidates.candidate_time([]) == []  # nothing measured stays nothing
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_tiny_tune_records_one_time_per_candidate(tiny, tmp_path):
     """Each candidate is timed ``repeat`` times (cold: each after the flush) and its record keeps
-    one time, the median (:func:`tuning.candidate_time`)."""
+    one time, the median (:func:`candidates.candidate_time`)."""
     mod, preset, _, _ = tiny
     rec = tmp_path / "rec"
     res = tuning.tune(mod, preset, tuning.TuneConfig(
@@ -363,7 +365,7 @@ def test_apply_empty_database_tunes_nothing(tiny, tmp_path):
 
 def test_records_dir_for(monkeypatch, tmp_path):
     monkeypatch.delenv("TVMSHUFFLE_TUNING_LOGS", raising=False)
-    repo_logs = Path(tuning.__file__).resolve().parent.parent / "tuning_logs"
+    repo_logs = Path(tvmshuffle.__file__).resolve().parent.parent / "tuning_logs"
     assert repo_logs.is_dir()  # the shipped records: the default root in a checkout
     rpi4, host = targets.resolve("rpi4"), targets.resolve("host")
     assert records_dir_for(rpi4, "shufflenet_v2_x1_0") == repo_logs / "rpi4/shufflenet_v2_x1_0"
@@ -505,7 +507,7 @@ def test_runner_workers_follow_the_devices_registered(tmp_path):
     with rpc_tracker_and_server(tmp_path, "tvmshuffle-test-follow", servers=2) as env:
         config = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", rpc_tracker=env.tracker,
                                    rpc_key=env.key, **FAST)
-        runner, ms_runner = tuning.make_runner(config, workers=1, follow_devices=True)
+        runner, ms_runner = candidates.make_runner(config, workers=1, follow_devices=True)
         try:
             assert runner.workers == 1
             first = runner.pool
@@ -513,7 +515,7 @@ def test_runner_workers_follow_the_devices_registered(tmp_path):
             assert runner.workers == 2 and runner.pool is not first and runner.retired_pools == [first]
             assert runner.pool._threadpool._max_workers == 2
         finally:
-            tuning._shutdown_runner(runner)
+            candidates.shutdown_runner(runner)
 
 
 # --------------------------------------------------------------------------------------------
