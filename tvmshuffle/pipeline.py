@@ -178,7 +178,7 @@ def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = No
             relax.transform.DeadCodeElimination(),
         ])(mod)
     if hand is not None and hand.answered and records is not None:
-        won = sum(1 for key in hand.answered if key in records.hand_wins and records.hand_wins[key] == records.hand_measured.get(key))
+        won = sum(1 for key in hand.answered if records.hand_won(key))
         log.info("%s: %d kernels get their hand schedule (%d won the duel against the records' best; the others "
                  "the records never measured: tuned without it, or before it changed, `tvmshuffle tune` measures it)",
                  records.path, from_hand, won)

@@ -403,6 +403,11 @@ class Records:
         (:mod:`tvmshuffle.duel`: both timed again side by side)."""
         return self.hand_measured.get(key) == fingerprint and self.hand_wins.get(key) != fingerprint
 
+    def hand_won(self, key: str) -> bool:
+        """Whether the hand schedule the records measured for kernel ``key`` won the duel against
+        their best (so a build takes it, though the records measured it)."""
+        return key in self.hand_wins and self.hand_wins[key] == self.hand_measured.get(key)
+
     def default_wins(self, key: str) -> bool:
         """Whether kernel ``key`` (no hand schedule takes it) keeps TVM's own schedule: the
         records' best was slower than it in the duel (the ``keep_default`` of
