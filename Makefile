@@ -32,7 +32,7 @@ MY_RECORDS := $(OUT)/tuning_logs/host/$(MODEL)
 # own), or where none were shipped for it, another CPU's (a build sets them aside with a note).
 # Expanded when the demo runs, after .venv exists.
 HOST_RECORDS = $(shell $(BIN)/python -c "from tvmshuffle import targets; print(targets.records_name(targets.resolve('host')))")
-RECORDS = $(firstword $(wildcard tuning_logs/$(HOST_RECORDS)/$(MODEL)) tuning_logs/host-rocketlake/$(MODEL))
+RECORDS = $(firstword $(wildcard tuning_logs/$(HOST_RECORDS)/$(MODEL)) $(wildcard tuning_logs/host-*/$(MODEL)))
 
 # The main job, on whatever CPU this is: the untuned build, the hand-scheduled build (no tuning),
 # a short tuning run on this CPU seeded from the hand schedules and the build with its records,
