@@ -184,6 +184,21 @@ def test_pool_schedule_matches_numpy_and_the_default_build(name):
     _hand_matches_reference_and_none(mod, data, _pool_reference(kind, data, size, stride, padding))
 
 
+@pytest.mark.parametrize("cpu", ["znver4", "znver1"])
+def test_x86_pool_windows_are_whole_vectors_not_lanes(cpu):
+    """schedules/pool.py on x86 leaves the stride-2 window loop to LLVM's loop vectorizer, which
+    loads whole vectors and de-interleaves them; TVM's vectorized strided loads became one
+    scalar load and insert per lane (43 ``vinsertps`` in the stem's max pool before; Zen 4 with
+    the host preset's features, and Zen 1). Compiled only, not run (this CPU may be another)."""
+    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu, "mattr": list(targets.X86_HOST_FEATURES)}
+    preset = targets.resolve(json.dumps(target))
+    executable, _, n_hand = pipeline.build(_pool_module(*POOLS["max_stem"], preset=preset), preset)
+    assert n_hand == 1
+    asm = "".join(m.inspect_source("asm") for m in [executable.mod, *executable.mod.imports] if m.kind == "llvm")
+    assert len(re.findall(r"\bvmaxps\b", asm)) > 0  # the windows' max in vectors
+    assert len(re.findall(r"\bvinsertps\b|\bvpinsr", asm)) <= 2
+
+
 @pytest.mark.parametrize("name", ["max_stem", "avg_shortcut_14"])
 def test_pool_schedule_builds_for_aarch64_neon(name, tmp_path):
     mod = _pool_module(*POOLS[name], preset=AARCH64)
