@@ -18,15 +18,21 @@ the shuffle is a per-channel choice of plane, so it costs nothing once the plane
   element. An output row is contiguous, so the vector runs along ``x``: the row (7, 14, 28
   floats, or a chunk of a longer one) is one vector expression that LLVM splits into
   ymm/q registers (7 and 14 are not multiples of 8/4: the tail uses narrower registers).
-* **Stride 2** reads every other column: LLVM turns those loads into deinterleaving loads
-  (NEON ``ld2``) or shuffles (x86). A phase-split plane (``[y][x % 2][x // 2]``, even and odd
-  columns apart, so every load is unit-stride) was tried and measured no consistent gain on
-  this CPU (stride-2 layers 8-17 vs 10-22 GFLOP/s, within the noise of 10-40 us kernels), so
-  the simpler form stays. Stride-2 layers spent most of their time building the padded plane
-  (4x the outputs): for them the padding is folded into the loads instead (``pad`` inlined: a
-  select on the border), so no plane is built. Measured on V2's plain stride-2 depthwise convs
-  (Rocket Lake, 2 threads, a shared machine; min of 15 samples): 58@56>28 201 -> 120 us,
-  24@56>28 52 -> 31, 116@28>14 52 -> 30, 232@14>7 14.4 -> 13.3.
+* **Stride 2** reads every other column. Stride-2 layers spent most of their time building the
+  padded plane (4x the outputs), so by default the padding is folded into the loads (``pad``
+  inlined: a select on the border) and no plane is built. Measured on V2's plain stride-2
+  depthwise convs (Rocket Lake, 2 threads, a shared machine; min of 15 samples): 58@56>28
+  201 -> 120 us, 24@56>28 52 -> 31, 116@28>14 52 -> 30, 232@14>7 14.4 -> 13.3. The row vectors
+  then load every other float: LLVM makes that a deinterleaving load on NEON (``ld2``), but on
+  x86 a gather or, without one (the ``host`` preset's ``+prefer-no-gather``), a scalar load and
+  insert per lane. So on x86, rows of at least two vectors (56>28) take the form of
+  ``pool.py``'s wide rows instead: the channel's padded plane (contiguous vector copies) and
+  the output row as a scalar loop with the taps unrolled, which LLVM's loop vectorizer turns
+  into whole-vector loads de-interleaved by shuffles. Measured (AMD EPYC, ``znver4``, 2 threads,
+  kernels alone, 8 interleaved rounds): 58@56>28 47 -> 27 us, 24@56>28 20 -> 10; the same form
+  for 14- and 7-wide rows was slower (116@28>14 15 -> 29, 232@14>7 8 -> 12), as the plane was
+  in the Xeon measurement above. A phase-split plane (``[y][x % 2][x // 2]``, every load
+  unit-stride) was tried earlier and measured no consistent gain.
 * **Register tile.** ``ty`` output rows at a time (``ty`` x vectors-per-row accumulators, at most
   registers - 2: 14 ymm for AVX2, 30 q for NEON); the 9 weights of the channel are broadcast
   once per tile; the kernel loops (``ky``, ``kx``) and the tile rows are unrolled so that LLVM
@@ -58,14 +64,43 @@ def _tile(layer, isa) -> tuple[int, int]:
     return chunk, rows
 
 
+def _llvm_rows(layer, isa) -> bool:
+    """Whether the output rows are LLVM's to vectorize (see "Stride 2" above): stride 2 on x86,
+    rows of at least two vectors."""
+    return layer.stride[0] == 2 and isa.name != "neon" and layer.out_hw[1] >= 2 * isa.lanes
+
+
 def apply(sch, layer, isa, sample: bool = False) -> None:
-    chunk, rows = _tile(layer, isa)
     conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
     pad = sch.get_sblock(getattr(layer, "pad_block", None) or "shuffle_pad")  # or a plain conv2d's pad_temp
     epilogue = [sch.get_sblock(name) for name in layer.epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
+    if _llvm_rows(layer, isa):
+        _scalar_rows(sch, conv, pad, last)
+    else:
+        _row_vectors(sch, layer, isa, conv, pad, last, sample)
+
+
+def _scalar_rows(sch, conv, pad, last) -> None:
+    """The channel's padded plane, then each output row a scalar loop over the unrolled taps."""
+    n, o, y, x, *red = sch.get_loops(conv)
+    channel = sch.fuse(n, o)
+    sch.compute_at(pad, channel, preserve_unit_loops=True)
+    *_, pad_x = sch.get_loops(pad)
+    sch.vectorize(pad_x)
+    if last is not None:  # the epilogue on the row just computed
+        sch.reverse_compute_at(last, y, preserve_unit_loops=True)
+    for loop in red:
+        sch.unroll(loop)
+    sch.parallel(channel)
+    sch.decompose_reduction(conv, red[0])
+
+
+def _row_vectors(sch, layer, isa, conv, pad, last, sample: bool) -> None:
+    """The register tile of row vectors (see "Register tile" above)."""
+    chunk, rows = _tile(layer, isa)
 
     n, o, y, x, *red = sch.get_loops(conv)
     y_out, y_in = sch.split(y, split_factors(sch, y, rows, sample))
