@@ -58,7 +58,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
     if isa.name == "neon":
-        _vector_windows(sch, layer, pool, pad, last)
+        _vector_windows(sch, layer, isa, pool, pad, last)
     else:
         _scalar_windows(sch, layer, isa, pool, pad, last)
 
@@ -72,7 +72,7 @@ def _scalar_windows(sch, layer, isa, pool, pad, last) -> None:
     channel = sch.fuse(n, c)
     if pad is not None:  # this channel's padded plane, right before its windows
         sch.compute_at(pad, channel)
-        vectorize_padding(sch, pad, phased=False)
+        vectorize_padding(sch, pad, False, isa)
     if last is not None:  # the average's division, on the row just summed
         sch.reverse_compute_at(last, oy)
     sch.unroll(ry)
@@ -81,7 +81,7 @@ def _scalar_windows(sch, layer, isa, pool, pad, last) -> None:
     sch.decompose_reduction(pool, ry)
 
 
-def _vector_windows(sch, layer, pool, pad, last) -> None:
+def _vector_windows(sch, layer, isa, pool, pad, last) -> None:
     """NEON: the output row vectorized by TVM, over a plane in two phases (unit-stride loads)."""
     phased = pad is not None and phase_columns(sch, pad, layer.stride[1])
     n, c, oy, ox, ry, rx = sch.get_loops(pool)
@@ -89,7 +89,7 @@ def _vector_windows(sch, layer, pool, pad, last) -> None:
     channel = sch.fuse(n, c)
     if pad is not None:  # this channel's padded plane, right before its windows
         sch.compute_at(pad, channel)
-        vectorize_padding(sch, pad, phased)
+        vectorize_padding(sch, pad, phased, isa)
     if last is not None:  # the average's division, on the row just summed
         sch.reverse_compute_at(last, oy)
         *_, e_x = sch.get_loops(last)

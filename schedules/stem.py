@@ -14,8 +14,12 @@ over (channel, ky, kx). TVM's lowering runs them one output at a time, 10-15 GFL
   the conv's global buffer (left to LLVM's alias analysis) ran 88, 135 or 680 us by the tile's
   shape. Tiles 112 floats wide stayed slow either way (320-430 us): this file's are 4-16 wide.
 * **The padded image in phases, a few rows at a time.** For stride 2 the padded columns are laid
-  out in two phases (``[c][y][x % 2][x // 2]``), so every load of the conv is unit-stride, and
-  they are written phase by phase (contiguous stores, stride-2 loads). Each output row builds
+  out in two phases (``[c][y][x % 2][x // 2]``), so every load of the conv is unit-stride. On
+  NEON they are written phase by phase (contiguous stores, stride-2 loads); on x86, where LLVM
+  makes TVM's stride-2 vector loads a scalar load and insert per lane, a column pair at a time
+  in a loop left to LLVM's loop vectorizer, which de-interleaves whole vectors with shuffles
+  (:func:`~tvmshuffle.schedules.vectorize_padding`; AMD EPYC, ``znver4``, 2 threads, interleaved
+  rounds: 129 -> 92 us at 224x224). Each output row builds
   the padded rows it reads (3 channels x 3 rows, 8 KB for the stem) right before its tiles, so
   they are in L1 when read; the rows two output rows share are built twice. Measured against
   LegalizeOps' ``pad_temp`` built whole in a pass of its own (3 x 226 x 226 floats, 613 KB) on
@@ -88,4 +92,4 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     sch.decompose_reduction(conv, red[0])
     if pad is not None:  # the padded rows this output row reads, right before its tiles
         sch.compute_at(pad, outer)
-        vectorize_padding(sch, pad, phased)
+        vectorize_padding(sch, pad, phased, isa)

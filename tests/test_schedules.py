@@ -1038,19 +1038,22 @@ def test_each_new_schedule_is_a_design_space_for_tuning(kind):
 
 
 @pytest.mark.parametrize("cpu", ["znver4", "znver1"])
-@pytest.mark.parametrize("kernel", ["max_pool_stem", "depthwise_s2_56"])
+@pytest.mark.parametrize("kernel", ["max_pool_stem", "depthwise_s2_56", "stem_s2_64"])
 def test_x86_stride2_windows_load_whole_vectors_not_lanes(kernel, cpu):
     """schedules/pool.py and depthwise.py on x86 leave a wide stride-2 window's row loop to LLVM's
     loop vectorizer, which loads whole vectors and de-interleaves them; TVM's vectorized strided
     loads became one scalar load and insert per lane (before: 43 ``vinsertps`` in the stem's max
-    pool, 86 (Zen 4) and 142 (Zen 1) in the 56x56 stride-2 depthwise conv). Zen 4 with the host
+    pool, 86 (Zen 4) and 142 (Zen 1) in the 56x56 stride-2 depthwise conv). The stem conv's
+    padding stage (its columns in two phases) likewise (:func:`tvmshuffle.schedules.vectorize_padding`). Zen 4 with the host
     preset's features, and Zen 1; compiled only, not run (this CPU may be another)."""
     target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu, "mattr": list(targets.X86_HOST_FEATURES)}
     preset = targets.resolve(json.dumps(target))
     if kernel == "max_pool_stem":
         mod, vector_op = _pool_module(*POOLS["max_stem"], preset=preset), r"\bvmaxps\b"
-    else:
+    elif kernel == "depthwise_s2_56":
         mod, vector_op = _plain(*PLAIN["dw_plain_s2_56"], preset=preset)[0], r"\bvfmadd\w*ps\b"
+    else:  # the stem conv's padding stage, its columns in two phases
+        mod, vector_op = _plain(*STEM["stem_s2_64"], preset=preset)[0], r"\bvfmadd\w*ps\b"
     executable, _, n_hand = pipeline.build(mod, preset)
     assert n_hand == 1
     asm = "".join(m.inspect_source("asm") for m in [executable.mod, *executable.mod.imports] if m.kind == "llvm")
