@@ -57,45 +57,29 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
-    if isa.name == "neon":
-        _vector_windows(sch, layer, isa, pool, pad, last)
-    else:
-        _scalar_windows(sch, layer, isa, pool, pad, last)
-
-
-def _scalar_windows(sch, layer, isa, pool, pad, last) -> None:
-    """x86: the output row loop (``ox``) scalar, LLVM's to vectorize; a plane for wide rows."""
-    if pad is not None and layer.out_hw[1] < 2 * isa.lanes:
-        sch.compute_inline(pad)  # narrow rows: the bounds tests in the loads
+    # NEON: TVM vectorizes the output rows, over a plane in two phases (unit-stride loads);
+    # x86: the output row loop (ox) stays scalar, LLVM's to vectorize
+    vector_rows = isa.name == "neon"
+    if pad is not None and not vector_rows and layer.out_hw[1] < 2 * isa.lanes:
+        sch.compute_inline(pad)  # x86, narrow rows: the bounds tests in the loads
         pad = None
-    n, c, oy, ox, ry, rx = sch.get_loops(pool)
-    channel = sch.fuse(n, c)
-    if pad is not None:  # this channel's padded plane, right before its windows
-        sch.compute_at(pad, channel)
-        vectorize_padding(sch, pad, False, isa)
-    if last is not None:  # the average's division, on the row just summed
-        sch.reverse_compute_at(last, oy)
-    sch.unroll(ry)
-    sch.unroll(rx)
-    sch.parallel(channel)
-    sch.decompose_reduction(pool, ry)
+    phased = vector_rows and pad is not None and phase_columns(sch, pad, layer.stride[1])
 
-
-def _vector_windows(sch, layer, isa, pool, pad, last) -> None:
-    """NEON: the output row vectorized by TVM, over a plane in two phases (unit-stride loads)."""
-    phased = pad is not None and phase_columns(sch, pad, layer.stride[1])
     n, c, oy, ox, ry, rx = sch.get_loops(pool)
-    sch.reorder(n, c, oy, ry, rx, ox)
+    if vector_rows:
+        sch.reorder(n, c, oy, ry, rx, ox)
     channel = sch.fuse(n, c)
     if pad is not None:  # this channel's padded plane, right before its windows
         sch.compute_at(pad, channel)
         vectorize_padding(sch, pad, phased, isa)
     if last is not None:  # the average's division, on the row just summed
         sch.reverse_compute_at(last, oy)
-        *_, e_x = sch.get_loops(last)
-        sch.vectorize(e_x)
+        if vector_rows:
+            *_, e_x = sch.get_loops(last)
+            sch.vectorize(e_x)
     sch.unroll(ry)
     sch.unroll(rx)
-    sch.vectorize(ox)
+    if vector_rows:
+        sch.vectorize(ox)
     sch.parallel(channel)
     sch.decompose_reduction(pool, ry)
