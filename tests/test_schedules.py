@@ -1044,8 +1044,9 @@ def test_x86_stride2_windows_load_whole_vectors_not_lanes(kernel, cpu):
     loop vectorizer, which loads whole vectors and de-interleaves them; TVM's vectorized strided
     loads became one scalar load and insert per lane (before: 43 ``vinsertps`` in the stem's max
     pool, 86 (Zen 4) and 142 (Zen 1) in the 56x56 stride-2 depthwise conv). The stem conv's
-    padding stage (its columns in two phases) likewise (:func:`tvmshuffle.schedules.vectorize_padding`). Zen 4 with the host
-    preset's features, and Zen 1; compiled only, not run (this CPU may be another)."""
+    padding stage (its columns in two phases) likewise
+    (:func:`tvmshuffle.schedules.vectorize_padding`). Zen 4 with the host preset's features, and
+    Zen 1; compiled only, not run (this CPU may be another)."""
     target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu, "mattr": list(targets.X86_HOST_FEATURES)}
     preset = targets.resolve(json.dumps(target))
     if kernel == "max_pool_stem":

@@ -129,12 +129,12 @@ def phase_columns(sch, pad, stride: int) -> bool:
 def vectorize_padding(sch, pad, phased: bool, isa: Isa | None = None) -> None:
     """Vectorize the padding stage along its columns. ``phased`` (:func:`phase_columns`): its
     loads are stride 2. On NEON (and with no ``isa``, as schedule files written before it was
-    asked do) TVM vectorizes it phase by phase (contiguous stores; AArch64's LLVM de-interleaves
-    the loads). On x86 LLVM makes TVM's stride-2 vector load a gather or a
-    scalar load and insert per lane, so there the column pair is the loop body (both phases,
-    unrolled) and the loop is left to LLVM's loop vectorizer, which loads whole vectors and
-    de-interleaves them with shuffles: the stem 174 -> 119 us (AMD EPYC, ``znver4``, 2 threads,
-    interleaved rounds)."""
+    asked do) TVM vectorizes it phase by phase, contiguous stores (unchanged there: no ARM
+    hardware here to time another form). On x86 LLVM makes TVM's stride-2 vector load a gather
+    or a scalar load and insert per lane, so there the column pair is the loop body (both
+    phases, unrolled) and the loop is left to LLVM's loop vectorizer, which loads whole vectors
+    and de-interleaves them with shuffles: the stem 129 -> 92 us (AMD EPYC, ``znver4``,
+    2 threads, interleaved rounds)."""
     *_, x = sch.get_loops(pad)
     if not phased:
         sch.vectorize(x)
