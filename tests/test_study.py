@@ -236,6 +236,20 @@ def test_study_on_an_rpc_device(two_kinds, rpc_env, tmp_path):
     assert all(r.gflops > 0 and r.ms > 0 for r in report.rows if r.status == "ok")
 
 
+def test_measured_peak_is_the_faster_of_the_isas_vector_widths():
+    """The peak is measured at every width the ISA has (AVX-512: the hand schedules' 8 lanes and
+    zmm's 16; a Xeon with two 512-bit FMA units runs zmm at twice the rate) and the faster taken."""
+    preset = targets.resolve("host")
+    isa = study.isa_of(preset)
+    widths = [isa] + ([isa.wide] if isa.wide is not None else [])
+    with devices.open_device() as device:
+        peak = study.measure_peak(device, preset, threads=2, iterations=200_000)
+    rates = re.findall(r"(\d+)-lane \((\w+)\) ([\d.]+)", peak.how.split("by width:")[1])
+    assert [(int(lanes), name) for lanes, name, _ in rates] == [(w.lanes, w.name) for w in widths]
+    assert peak.gflops > 0
+    assert f"{peak.gflops:.1f}" == max(rates, key=lambda r: float(r[2]))[2]
+
+
 @pytest.mark.parametrize("target,instruction", [("host", "vfmadd"), ("aarch64", "fmla")])
 def test_peak_kernel_keeps_its_accumulators_in_registers(target, instruction):
     """The FMA chains that measure the peak run with no load or store between them (an
