@@ -215,8 +215,8 @@ def measure_peak(device, preset: targets.TargetPreset, threads: int, where: str 
     width the ISA has (the hand schedules' and, on AVX-512, zmm's), the faster width taken. It
     tells what the formula of :func:`cpu_peak` cannot: how many FMA pipes the core really has
     at a width (Zen 1 splits a 256-bit FMA over its two 128-bit pipes: half the formula; Zen 4
-    and Rocket Lake run zmm at ymm's rate; a Xeon with two 512-bit FMA units, such as Emerald
-    Rapids, runs it at twice ymm's rate), and the clock under load."""
+    runs zmm at ymm's rate; the Xeons here, with two 512-bit FMA units, at twice it), and the
+    clock under load."""
     import tvm
 
     isa = isa_of(preset)
