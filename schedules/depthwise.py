@@ -67,7 +67,7 @@ def _tile(layer, isa) -> tuple[int, int]:
 def _llvm_rows(layer, isa) -> bool:
     """Whether the output rows are LLVM's to vectorize (see "Stride 2" above): stride 2 on x86,
     rows of at least two vectors."""
-    return layer.stride[0] == 2 and isa.name != "neon" and layer.out_hw[1] >= 2 * isa.lanes
+    return layer.stride[0] == 2 and not isa.deinterleaving_loads and layer.out_hw[1] >= 2 * isa.lanes
 
 
 def apply(sch, layer, isa, sample: bool = False) -> None:

@@ -57,9 +57,10 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
-    # NEON: TVM vectorizes the output rows, over a plane in two phases (unit-stride loads);
-    # x86: the output row loop (ox) stays scalar, LLVM's to vectorize
-    vector_rows = isa.name == "neon"
+    # NEON (LLVM de-interleaves stride-2 vector loads): TVM vectorizes the output rows, over a
+    # plane in two phases (unit-stride loads); x86: the output row loop (ox) stays scalar, LLVM's
+    # to vectorize
+    vector_rows = isa.deinterleaving_loads
     if pad is not None and not vector_rows and layer.out_hw[1] < 2 * isa.lanes:
         sch.compute_inline(pad)  # x86, narrow rows: the bounds tests in the loads
         pad = None

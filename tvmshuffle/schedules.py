@@ -65,6 +65,11 @@ class Isa:
     #: wider vectors the ISA also has (AVX-512's zmm), which a schedule may take where ``lanes``
     #: cannot fill whole vectors (see ``ISAS``); None: none
     wide: Isa | None = None
+    #: whether LLVM lowers TVM's stride-2 vector loads to de-interleaving loads (NEON ``ld2``).
+    #: Where it does not (x86: a gather, or without one a scalar load and insert per lane), the
+    #: schedules leave stride-2 rows to LLVM's loop vectorizer (``pool.py``, ``depthwise.py``,
+    #: :func:`vectorize_padding`)
+    deinterleaving_loads: bool = False
 
 
 #: AVX-512F's own registers: 32 zmm of 16 floats
@@ -83,7 +88,7 @@ ISAS = {
     # whole model is not: all-zmm lost most of the gain).
     "avx512": Isa("avx512", lanes=8, registers=16, fma_units=2, wide=ZMM),
     # AArch64 Advanced SIMD: 32 q registers of 4 floats; 2 FMA pipes on Cortex-A7x/X cores.
-    "neon": Isa("neon", lanes=4, registers=32, fma_units=2),
+    "neon": Isa("neon", lanes=4, registers=32, fma_units=2, deinterleaving_loads=True),
 }
 
 
@@ -140,7 +145,7 @@ def vectorize_padding(sch, pad, phased: bool, isa: Isa | None = None) -> None:
         sch.vectorize(x)
         return
     x, phase = sch.split(x, [None, 2])
-    if isa is None or isa.name == "neon":
+    if isa is None or isa.deinterleaving_loads:
         sch.reorder(phase, x)
         sch.vectorize(x)
     else:
