@@ -1,6 +1,7 @@
 """tvmshuffle bench: every row, checked before timed, JSON + PNG."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 
 from tvmshuffle import bench, frontend, pipeline, runtime, targets, tuning
 from tvmshuffle.devices import LocalDevice
+from tvmshuffle.kernels import Kernel
+from tvmshuffle.profile import KernelTime
 from tvmshuffle.records import records_dir_for, records_key
 
 #: one xdist worker runs this module: its module-scoped fixtures are built once
@@ -243,12 +246,58 @@ def test_profile_in_the_model_covers_every_group(tmp_path):
     text = profile.markdown(result).split("**In the model**")[1]
     assert f"with every kernel emptied {result.vm_only_ms:.3f} ms" in text
     for g in result.in_model:
-        assert f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} |" in text
+        low, high = g.in_model_range_ms
+        assert low <= g.in_model_ms <= high
+        share = "within noise" if g.within_noise else f"{g.in_model_ms / result.total_ms:.0%}"
+        assert (f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} |" in text
+                and f"| {g.in_model_ms:.3f} ({low:.3f} to {high:.3f}) | {share} |" in text)
     as_json = result.as_dict()
     assert {g["group"] for g in as_json["in_model"]} == {g.group for g in result.in_model}
+    assert all(len(g["in_model_range_ms"]) == 2 and isinstance(g["within_noise"], bool) for g in as_json["in_model"])
     assert as_json["vm_only_ms"] == result.vm_only_ms
     assert "in_model" not in profile.profile(SMALL, CompileConfig(input_shape=SHAPE), devices.open_device(),
                                              number=1, repeat=1).as_dict()  # only when asked
+
+
+def test_a_groups_cost_in_the_model_is_taken_round_by_round():
+    """``--in-model``: a group's cost is the whole model minus the model without it within each
+    round, then the median of the rounds, with the lowest and highest round beside it: a slow
+    spell that falls on a round slows both builds there and moves only that round's difference.
+    Rounds that disagree on the sign mark the cost as within the noise; the markdown gives it no
+    share."""
+    from tvmshuffle import profile
+
+    whole = [3.0, 3.0, 3.0, 3.0, 9.0, 9.0]  # 3 rounds of 2 samples; a slow spell in the last
+    without = [2.0, 2.0, 2.0, 2.0, 8.5, 8.5]
+    assert profile.round_costs(whole, without, 3) == (1.0, (0.5, 1.0))
+    noisy = profile.round_costs([3.0, 3.1, 2.9], [3.05, 3.0, 3.0], 3)  # rounds of one sample
+    assert noisy == (pytest.approx(-0.05), (pytest.approx(-0.1), pytest.approx(0.1)))
+    group = profile.GroupCost("pool", ["max_pool2d"], 1, 0.05, None, *noisy)
+    clear = profile.GroupCost("depthwise", ["fused_conv2d1"], 2, 0.2, None, *profile.round_costs(whole, without, 3))
+    assert group.within_noise and not clear.within_noise
+    kernel = KernelTime(Kernel("max_pool2d", [[1, 8, 8, 8]], [[1, 8, 4, 4]], 0, False, False), 0.05)
+    result = profile.Profile("m", "here", 4.0, [kernel], [clear, group], 0.03)
+    text = profile.markdown(result)
+    assert "| 1.000 (0.500 to 1.000) | 25% |" in text
+    assert "| -0.050 (-0.100 to 0.100) | within noise |" in text
+
+
+def test_the_gap_sentence_never_gives_a_negative_share():
+    """The profile's first line splits the gap between memory traffic (the kernels timed cold)
+    and the rest only where the cold sum is below the whole model; where it is above (the model
+    runs between its kernels warm and cold) memory traffic explains all of the gap, and a model
+    no slower than its warm kernels has no gap to split."""
+    from tvmshuffle import profile
+
+    def head(total, warm, cold):
+        kernel = KernelTime(Kernel("k", [[1]], [[1]], 0, False, False), warm, 1.0, cold)
+        return profile.markdown(profile.Profile("m", "here", total, [kernel])).splitlines()[0]
+
+    assert "memory traffic explains 1.000 ms of the gap, the VM's dispatch, allocations and thread wake-ups the " \
+           "other 1.000 ms" in head(4.0, 2.0, 3.0)
+    assert "more than the whole model, so memory traffic explains all of the gap" in head(4.0, 3.0, 4.5)
+    assert "no gap to explain" in head(2.0, 3.0, 4.5)
+    assert not any(re.search(r"-\d", h) for h in (head(4.0, 2.0, 3.0), head(4.0, 3.0, 4.5)))  # no negative figure
 
 
 def test_variants_are_timed_in_interleaved_rounds():

@@ -109,11 +109,36 @@ class GroupCost:
     calls: int
     alone_ms: float  # the group's kernels timed alone, warm, each × its calls
     cold_ms: float | None  # the same, cold
-    in_model_ms: float  # the whole model minus the whole model with these kernels emptied
+    #: the whole model minus the whole model with these kernels emptied, the median of that
+    #: difference over the interleaved rounds (each round's taken within the round: :func:`round_costs`)
+    in_model_ms: float
+    #: the lowest and the highest round's difference: how far the machine's noise moves it
+    in_model_range_ms: tuple[float, float]
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the rounds disagree on the sign of the cost: it is smaller than the noise."""
+        low, high = self.in_model_range_ms
+        return low <= 0.0 <= high
 
     def as_dict(self) -> dict:
         return {"group": self.group, "kernels": self.kernels, "calls": self.calls, "alone_ms": self.alone_ms,
-                "cold_ms": self.cold_ms, "in_model_ms": self.in_model_ms}
+                "cold_ms": self.cold_ms, "in_model_ms": self.in_model_ms,
+                "in_model_range_ms": list(self.in_model_range_ms), "within_noise": self.within_noise}
+
+
+def round_costs(whole_ms: list[float], without_ms: list[float], rounds: int) -> tuple[float, tuple[float, float]]:
+    """What a model gains when something is taken out of it, from the samples of the two builds
+    timed in the same ``rounds`` interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`:
+    samples in round order, as many in each round): per round, the median of the whole's
+    samples minus the median of the other's; returns the median of those differences and
+    (lowest, highest). A slow spell of a shared machine that falls on a round slows both builds
+    of that round, so a difference within a round is not moved by it, and the spread of the
+    rounds says how much the noise that remains moves the cost."""
+    per_round = [float(np.median(w) - np.median(o))
+                 for w, o in zip(np.array_split(np.asarray(whole_ms), rounds),
+                                 np.array_split(np.asarray(without_ms), rounds))]
+    return float(np.median(per_round)), (min(per_round), max(per_round))
 
 
 @dataclass
@@ -212,12 +237,13 @@ def without_kernels(mod, names):
 
 
 def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat: int = 5, number: int = 10,
-             rounds: int = 5) -> tuple[list[GroupCost], float, float]:
+             rounds: int = 10) -> tuple[list[GroupCost], float, float]:
     """Each kernel group's cost in the whole model (see the module docstring): ``compiled`` is
     :func:`tvmshuffle.pipeline.compile_model`'s result, its variants exported into
     ``directory``. Returns (groups, slowest first; the model with every kernel emptied; the
     whole model), medians of ``rounds × repeat`` samples of ``number`` runs, taken in ``rounds``
-    interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`: the order rotating, a settle run first)."""
+    interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`: the order rotating, a settle run first);
+    a group's cost is taken round by round (:func:`round_costs`)."""
     from pathlib import Path
 
     from . import pipeline
@@ -244,8 +270,9 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     for group, names in groups.items():
         rows = [by_name[n] for n in names if n in by_name]
         cold = [r.cold_total_ms for r in rows]
+        cost, spread = round_costs(timed[""].samples_ms, timed[group].samples_ms, rounds)
         costs.append(GroupCost(group, names, sum(r.kernel.calls for r in rows), sum(r.total_ms for r in rows),
-                               None if None in cold else sum(cold), median[""] - median[group]))
+                               None if None in cold else sum(cold), cost, spread))
     return sorted(costs, key=lambda g: g.in_model_ms, reverse=True), median[None], median[""]
 
 
@@ -361,9 +388,16 @@ def markdown(profile: Profile) -> str:
     cold = profile.kernels_cold_ms
     if cold is not None:
         head += (f". With cold caches (weights and output flushed before each call, as in the whole model) "
-                 f"the kernels sum to {cold:.3f} ms: memory traffic explains {cold - profile.kernels_ms:.3f} ms "
-                 f"of the gap, the VM's dispatch, allocations and thread wake-ups the other "
-                 f"{profile.total_ms - cold:.3f} ms")
+                 f"the kernels sum to {cold:.3f} ms: ")
+        if profile.gap_ms <= 0:
+            head += "the whole model took no longer than its kernels warm, so there is no gap to explain"
+        elif cold >= profile.total_ms:  # the model runs between its warm and its cold kernels
+            head += ("more than the whole model, so memory traffic explains all of the gap (in the model "
+                     "a kernel's input, just written by the kernel before it, and some of its weights are "
+                     "still in cache)")
+        else:
+            head += (f"memory traffic explains {cold - profile.kernels_ms:.3f} ms of the gap, the VM's "
+                     f"dispatch, allocations and thread wake-ups the other {profile.total_ms - cold:.3f} ms")
     lines = [
         head,
         "",
@@ -388,13 +422,18 @@ def _in_model_markdown(profile: Profile) -> str:
         f"**In the model** (`--in-model`: the model rebuilt with each group's kernels emptied, all builds "
         f"timed in interleaved rounds): whole model {profile.total_ms:.3f} ms; with every kernel emptied "
         f"{profile.vm_only_ms:.3f} ms (the VM: dispatch, allocations, calls); the groups' costs and the VM "
-        f"add up to {explained:.3f} ms",
+        f"add up to {explained:.3f} ms. A group's cost is the whole model minus the model without it, "
+        f"taken within each round (a slow spell of the machine slows both alike): the median of the "
+        f"rounds, and in brackets the lowest and highest round; where the rounds disagree on its sign the "
+        f"cost is smaller than this machine's noise and has no share",
         "",
         "| kernels | count | calls | alone, warm (ms) | alone, cold (ms) | in the model (ms) | share of the model |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for g in profile.in_model:
         cold = "–" if g.cold_ms is None else f"{g.cold_ms:.3f}"
-        lines.append(f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} | {cold} | {g.in_model_ms:.3f} "
-                     f"| {g.in_model_ms / profile.total_ms:.0%} |")
+        low, high = g.in_model_range_ms
+        share = "within noise" if g.within_noise else f"{g.in_model_ms / profile.total_ms:.0%}"
+        lines.append(f"| {g.group} | {len(g.kernels)} | {g.calls} | {g.alone_ms:.3f} | {cold} "
+                     f"| {g.in_model_ms:.3f} ({low:.3f} to {high:.3f}) | {share} |")
     return "\n".join(lines)
