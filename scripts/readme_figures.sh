@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Re-create the tables and charts of the README's results for THIS CPU (docs/<cpu>/), in one go.
 # Needs this CPU's records (tuning_logs/host-<cpu>/, see scripts/tune_shipped.sh).
-# Takes the bench tables in a row (no --rounds: see the README on ONNX Runtime under --rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}

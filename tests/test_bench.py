@@ -306,9 +306,48 @@ def test_variants_are_timed_in_interleaved_rounds():
     order = []
     rows = [bench.Row(name, "this CPU") for name in ("a", "b", "c")]
     pending = [(row, lambda name=row.variant: order.append(name) or float(len(order))) for row in rows]
-    bench.time_interleaved(pending, warmup=1, repeat=5, settle=1, rounds=2)
+    bench.time_interleaved(pending, warmup=1, repeat=5, settle=1, rounds=2, idle=lambda: order.append("idle"))
     assert order == (["a", "b", "c"]  # warm-up
-                     + ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # round 1: settle + 3 samples each
-                     + ["b"] * 3 + ["c"] * 3 + ["a"] * 3)  # round 2: settle + 2
+                     + ["idle", *"aaaa", "idle", *"bbbb", "idle", *"cccc"]  # round 1: settle + 3 samples each
+                     + ["idle", *"bbb", "idle", *"ccc", "idle", *"aaa"])  # round 2: settle + 2
     assert [len(r.samples_ms) for r in rows] == [5, 5, 5]
-    assert rows[0].samples_ms == [5.0, 6.0, 7.0, 23.0, 24.0] and rows[0].median_ms == 7.0
+    assert rows[0].samples_ms == [6.0, 7.0, 8.0, 29.0, 30.0] and rows[0].median_ms == 8.0
+
+
+_SPIN_SCRIPT = """
+import sys, time, tvm
+from tvmshuffle import bench, frontend, pipeline, runtime, targets
+runtime.configure_local_threads(runtime.ThreadConfig(2, None))
+imported = frontend.load(sys.argv[1], tuple(map(int, sys.argv[2].split(","))))
+preset = targets.resolve("host")
+executable, _, _ = pipeline.build(pipeline.lower(imported.mod, preset), preset, None, "hand")
+vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+x = tvm.runtime.tensor(imported.random_input())
+
+def runs():
+    for _ in range(3):
+        vm["main"](x)
+
+def cpu_over(seconds):  # cores this process used over the next ``seconds``
+    start = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - start) / seconds
+
+runs()
+spinning = cpu_over(0.03)
+runs()
+bench.wait_until_idle()
+print(spinning, cpu_over(0.1))
+"""
+
+
+def test_waiting_until_tvms_pool_stops_spinning():
+    """After a run TVM's pool workers spin before they sleep (each on a core); a runtime timed
+    next would share its cores with them. ``wait_until_idle`` returns once the process uses
+    (almost) no CPU: measured by the process's CPU time, which other processes do not move.
+    In a process of its own: a pool of 2 threads, as no earlier test configured it."""
+    done = subprocess.run([sys.executable, "-c", _SPIN_SCRIPT, SMALL, ",".join(map(str, SHAPE))],
+                          capture_output=True, text=True, timeout=300, check=True)
+    spinning, after_wait = map(float, done.stdout.split())
+    assert spinning > 0.2  # right after the runs the worker spins (negative case: not idle)
+    assert after_wait < 0.1

@@ -8,7 +8,8 @@ records: each kernel the faster of its best record and its hand schedule).
 Every variant runs on the same input with the same thread count. Each one's output is first
 checked against PyTorch (max error ≤ ``tolerance`` × the output scale); a variant that
 disagrees is reported as wrong and not timed. Then warm-up runs, then the ``repeat`` timed runs
-of every variant, in a row (``--rounds N``: in N rounds, the order rotating): median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
+of every variant, in ``--rounds`` rounds (5; the order rotating, the process idle between two
+variants: :func:`time_interleaved`): median, p10 and p90, and ratios to ONNX Runtime and to the untuned unfused TVM build. Over RPC
 the TVM variants run on the device (emulated devices labelled so); PyTorch and ONNX Runtime
 rows say "host only".
 """
@@ -60,11 +61,10 @@ class BenchConfig:
     affinity: str | None = None
     repeat: int = 30
     warmup: int = 5
-    #: 1: each variant's runs in a row; N > 1: in N rounds, the variants' order rotating (a
-    #: drift of a shared machine then hits all alike, but on few cores the runtimes' spinning
-    #: thread pools slow whichever runs next: ONNX Runtime measured 2.8 ms alone, 3.5-8.7 ms
-    #: interleaved with TVM here)
-    rounds: int = 1
+    #: N > 1: each variant's runs in N rounds, the variants' order rotating (a slow spell of a
+    #: shared machine then hits all alike; between two variants the process waits until the
+    #: runtime before has stopped spinning, :func:`wait_until_idle`); 1: each variant's in a row
+    rounds: int = 5
     tolerance: float = 1e-4
     input_shape: tuple[int, ...] | None = None
     weights: str | None = None
@@ -143,15 +143,34 @@ def measure(row: Row, run: Callable[[], np.ndarray], time_it: Callable[[], list[
 Pending = tuple[Row, Callable[[], float]]
 
 
+def wait_until_idle(limit_s: float = 2.0, window_s: float = 0.02, busy: float = 0.1) -> float:
+    """Wait until this process's threads stop spinning, at most ``limit_s``; the seconds waited.
+
+    After a run a thread pool's workers spin a while before they sleep, each on a core of its
+    own: measured here (Xeon, 2 threads, V1 g3 1x), TVM's worker ~90 ms (300,000 yields,
+    ``TVM_THREAD_POOL_SPIN_COUNT``), ONNX Runtime's ~40 ms, PyTorch's (libgomp) ~6 ms. The runtime
+    timed next would share its cores with them: ONNX Runtime's median doubled when its runs
+    followed TVM's. Idle = the process used less than ``busy`` of one core over a ``window_s``
+    window (its CPU time, all its threads: other processes do not count)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        if time.process_time() - cpu < busy * window_s:
+            break
+    return time.perf_counter() - start
+
+
 def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle: int = 1,
-                     rounds: int = 1) -> None:
+                     rounds: int = 1, idle: Callable[[], object] = wait_until_idle) -> None:
     """Time the variants in ``rounds`` rounds of consecutive samples each (the order rotating),
     so that a slow spell of a shared machine hits every variant alike instead of the one it
     falls on, while each runtime runs long enough in a row to be itself.
 
-    Each round of a variant starts with ``settle`` untimed runs: the runtime that ran just
-    before (TVM's, PyTorch's and ONNX Runtime's thread pools all spin or sleep in their own
-    way after a run) must not be what the samples measure.
+    Before each variant's runs of a round the process waits until the thread pools of the
+    runtime that ran before it have stopped spinning (``idle``: :func:`wait_until_idle`), and
+    each round of a variant starts with ``settle`` untimed runs (its caches, its pool's wake-up):
+    the runtime that ran just before must not be what the samples measure.
     """
     for _ in range(warmup):
         for _, sample in pending:
@@ -162,6 +181,7 @@ def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle: i
         take = repeat // rounds + (1 if round_ < repeat % rounds else 0)
         for k in range(len(pending)):
             i = (round_ + k) % len(pending)
+            idle()
             for _ in range(settle):
                 pending[i][1]()
             samples[i].extend(pending[i][1]() for _ in range(take))

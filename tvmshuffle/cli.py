@@ -437,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_records_arg(p)
     _add_thread_args(p, "every core here, for TVM, PyTorch and ONNX Runtime alike; a device's pool as it is")
     p.add_argument("--repeat", type=int, default=30, help="timed runs per variant (default 30)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="take each variant's runs in N rounds, the variants' order rotating (default 1: in a row)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="take each variant's runs in N rounds, the variants' order rotating, so a slow spell of "
+                        "the machine hits all alike (default 5; 1: each variant's in a row)")
     _add_rpc_args(p, "run the TVM variants on the device there")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here")

@@ -262,8 +262,10 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     for vm in vms.values():
         device.run(vm, x)  # (the input every build is then timed on)
     timed = {group: Row(str(group), "") for group in vms}
+    # one runtime and one thread pool for all the builds: its workers' spinning after a run is
+    # what the next build's run wakes them from, nothing to wait out (:func:`~tvmshuffle.bench.wait_until_idle`)
     time_interleaved([(timed[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
-                     warmup=1, repeat=rounds * repeat, rounds=rounds)
+                     warmup=1, repeat=rounds * repeat, rounds=rounds, idle=lambda: None)
     median = {group: row.median_ms for group, row in timed.items()}
     by_name = {row.kernel.name.removesuffix(PREPACKED): row for row in kernel_rows}
     costs = []
