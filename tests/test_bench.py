@@ -301,17 +301,23 @@ def test_the_gap_sentence_never_gives_a_negative_share():
 
 
 def test_variants_are_timed_in_interleaved_rounds():
-    """Rounds of consecutive runs, the order rotating, a settle run first: drift hits every
-    variant alike."""
+    """Rounds of consecutive runs, the order rotating, each variant's preceded by a wait until
+    the process is idle and untimed runs until ``settle_ms`` have passed: drift hits every
+    variant alike, and no variant's samples are the one before's."""
     order = []
     rows = [bench.Row(name, "this CPU") for name in ("a", "b", "c")]
     pending = [(row, lambda name=row.variant: order.append(name) or float(len(order))) for row in rows]
-    bench.time_interleaved(pending, warmup=1, repeat=5, settle=1, rounds=2, idle=lambda: order.append("idle"))
+    # each run "takes" as many ms as runs so far: here every run is past 1 ms, one settle run
+    bench.time_interleaved(pending, warmup=1, repeat=5, settle_ms=1, rounds=2, idle=lambda: order.append("idle"))
     assert order == (["a", "b", "c"]  # warm-up
                      + ["idle", *"aaaa", "idle", *"bbbb", "idle", *"cccc"]  # round 1: settle + 3 samples each
                      + ["idle", *"bbb", "idle", *"ccc", "idle", *"aaa"])  # round 2: settle + 2
     assert [len(r.samples_ms) for r in rows] == [5, 5, 5]
     assert rows[0].samples_ms == [6.0, 7.0, 8.0, 29.0, 30.0] and rows[0].median_ms == 8.0
+    # settle runs go on until their times add up to settle_ms: 2 + 3 + 4 >= 9 ms
+    order.clear()
+    bench.time_interleaved(pending[:1], warmup=1, repeat=2, settle_ms=9, rounds=1, idle=lambda: order.append("idle"))
+    assert order == ["a", "idle", "a", "a", "a", "a", "a"] and rows[0].samples_ms == [6.0, 7.0]
 
 
 _SPIN_SCRIPT = """
