@@ -169,7 +169,7 @@ def time_interleaved(pending: list[Pending], warmup: int, repeat: int, settle_ms
 
     Before each variant's runs of a round the process waits until the thread pools of the
     runtime that ran before it have stopped spinning (``idle``: :func:`wait_until_idle`), then
-    runs the variant untimed until ``settle_ms`` of its runs have passed (one run at least): its
+    runs the variant untimed until its samples add up to ``settle_ms`` (one sample at least): its
     caches, its pool's wake-up, and a core that was idle getting back to speed. The runtime
     that ran just before must not be what the samples measure. Measured in one process on the
     Emerald Rapids Xeon (V1 g3 1x, TVM's blocks of 8 runs, 25 interleaved rounds): after a TVM

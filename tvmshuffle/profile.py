@@ -242,8 +242,8 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     :func:`tvmshuffle.pipeline.compile_model`'s result, its variants exported into
     ``directory``. Returns (groups, slowest first; the model with every kernel emptied; the
     whole model), medians of ``rounds × repeat`` samples of ``number`` runs, taken in ``rounds``
-    interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`: the order rotating, a settle run first);
-    a group's cost is taken round by round (:func:`round_costs`)."""
+    interleaved rounds (:func:`tvmshuffle.bench.time_interleaved`: the order rotating, one settle
+    sample first); a group's cost is taken round by round (:func:`round_costs`)."""
     from pathlib import Path
 
     from . import pipeline
@@ -262,10 +262,10 @@ def in_model(compiled, kernel_rows: list[KernelTime], device, directory, repeat:
     for vm in vms.values():
         device.run(vm, x)  # (the input every build is then timed on)
     timed = {group: Row(str(group), "") for group in vms}
-    # one runtime and one thread pool for all the builds: its workers' spinning after a run is
-    # what the next build's run wakes them from, nothing to wait out (:func:`~tvmshuffle.bench.wait_until_idle`)
+    # one runtime and one thread pool for all the builds, never idle between them: nothing to
+    # wait out (:func:`~tvmshuffle.bench.wait_until_idle`), one settle sample (``number`` runs) each
     time_interleaved([(timed[group], functools.partial(_one_sample, device, vm, number)) for group, vm in vms.items()],
-                     warmup=1, repeat=rounds * repeat, rounds=rounds, idle=lambda: None)
+                     warmup=1, repeat=rounds * repeat, settle_ms=0, rounds=rounds, idle=lambda: None)
     median = {group: row.median_ms for group, row in timed.items()}
     by_name = {row.kernel.name.removesuffix(PREPACKED): row for row in kernel_rows}
     costs = []
