@@ -53,7 +53,7 @@ def matches(layer, isa) -> bool:
     return layer.kind == "depthwise" and layer.padded and layer.stride[0] == layer.stride[1] in (1, 2)
 
 
-def _tile(layer, isa) -> tuple[int, int]:
+def tile(layer, isa) -> tuple[int, int]:
     """(row chunk width, rows per tile)."""
     out_h, out_w = layer.out_hw
     # the row chunk: the whole row up to 4 vectors, else the largest divisor that fits
@@ -64,7 +64,7 @@ def _tile(layer, isa) -> tuple[int, int]:
     return chunk, rows
 
 
-def _llvm_rows(layer, isa) -> bool:
+def llvm_rows(layer, isa) -> bool:
     """Whether the output rows are LLVM's to vectorize (see "Stride 2" above): stride 2 on x86,
     rows of at least two vectors."""
     return layer.stride[0] == 2 and not isa.deinterleaving_loads and layer.out_hw[1] >= 2 * isa.lanes
@@ -77,7 +77,7 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
-    if _llvm_rows(layer, isa):
+    if llvm_rows(layer, isa):
         _scalar_rows(sch, conv, pad, last)
     else:
         _row_vectors(sch, layer, isa, conv, pad, last, sample)
@@ -100,7 +100,7 @@ def _scalar_rows(sch, conv, pad, last) -> None:
 
 def _row_vectors(sch, layer, isa, conv, pad, last, sample: bool) -> None:
     """The register tile of row vectors (see "Register tile" above)."""
-    chunk, rows = _tile(layer, isa)
+    chunk, rows = tile(layer, isa)
 
     n, o, y, x, *red = sch.get_loops(conv)
     y_out, y_in = sch.split(y, split_factors(sch, y, rows, sample))

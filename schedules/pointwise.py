@@ -143,7 +143,17 @@ def _pixels_first(layer) -> bool:
     return layer.out_per_group < layer.out_hw[0] * layer.out_hw[1]
 
 
-def apply(sch, layer, isa, sample: bool = False) -> None:
+def pixel_tile(layer, isa) -> int | None:
+    """The pixels one register tile covers in the pixel-vector form (a row block of the plane
+    must hold whole tiles); None in the channel-vector form."""
+    form, lanes, rows, cols = _choose(layer, isa)
+    return cols * lanes if form == "pixel" else None
+
+
+def apply(sch, layer, isa, sample: bool = False, block_rows: int | None = None):
+    """Schedule the conv (see above). ``block_rows``: the plane is cut into blocks of that many
+    rows first, the blocks over the cores (``dw_pointwise.py`` computes the depthwise conv
+    that feeds the block right there); returns the blocks' loop then."""
     form, lanes, rows, cols = _choose(layer, isa)  # lanes: the vector width used
     conv = sch.get_sblock(getattr(layer, "conv_block", "shuffle_group_conv2d"))
     if getattr(layer, "pad_block", None):  # a plain 1x1 conv2d: LegalizeOps' pad_temp copies, pads nothing
@@ -169,19 +179,23 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
         sch.transform_block_layout(last, lambda n, c, y, x: (n, c, y * width + x))
 
     n, o, p, *red = sch.get_loops(conv)
+    blocks = []
+    if block_rows:
+        block, p = sch.split(p, [None, block_rows * width])
+        blocks = [block]
     if form == "pixel":
         o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
         p_vecs, p_lane = sch.split(p, [None, lanes])
         p_out, p_vec = sch.split(p_vecs, split_factors(sch, p_vecs, cols, sample))
-        outer = [p_out, o_out] if _pixels_first(layer) else [o_out, p_out]
-        sch.reorder(n, *outer, *red, o_in, p_vec, p_lane)
+        outer = [p_out, o_out] if _pixels_first(layer) and not blocks else [o_out, p_out]
+        sch.reorder(n, *blocks, *outer, *red, o_in, p_vec, p_lane)
         tile_loops, lane = [o_in, p_vec], p_lane
     else:
         o_blocks, o_lane = sch.split(o, [None, lanes])
         o_out, o_vec = sch.split(o_blocks, split_factors(sch, o_blocks, rows, sample))
         p_out, p_in = sch.split(p, split_factors(sch, p, cols, sample))
         outer = [o_out, p_out]
-        sch.reorder(n, *outer, *red, p_in, o_vec, o_lane)
+        sch.reorder(n, *blocks, *outer, *red, p_in, o_vec, o_lane)
         tile_loops, lane = [p_in, o_vec], o_lane
         # weight [O, K, 1, 1] -> [O/lanes, K, lanes], folded into the constant at compile time
         packed = sch.cache_read(conv, 1, "global")
@@ -207,8 +221,14 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for loop in tile_loops:
         sch.unroll(loop)
     sch.vectorize(lane)
+    if blocks:  # the row blocks over the threads
+        block = sch.fuse(n, *blocks)
+        sch.parallel(block)
+        sch.decompose_reduction(conv, red[0])
+        return block
     # channel form: each thread walks all pixels of its channel tiles (their packed weights
     # stay in its cache); pixel form: the tiles over the threads, the outer of the two first
     sch.parallel(sch.fuse(n, o_out) if form == "channel" else sch.fuse(n, *outer))
     sch.decompose_reduction(conv, red[0])
+    return None
 

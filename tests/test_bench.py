@@ -215,15 +215,20 @@ def test_kernel_groups_partition_the_kernels():
     import tvm
 
     from tvmshuffle import profile
+    from tvmshuffle.tir_analysis import describe
 
     lowered = pipeline.lower(frontend.load(SMALL, SHAPE).mod, targets.resolve("host"))
     groups = profile.kernel_groups(lowered)
     names = [n for group in groups.values() for n in group]
     kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert sorted(names) == sorted(kernels)  # each kernel in exactly one group
-    assert {"depthwise", "conv", "matmul", "pool", "injective", "other"} <= set(groups)
+    assert {"conv", "matmul", "pool", "injective", "other"} <= set(groups)
     assert any(g.startswith("pointwise ") for g in groups)
-    assert groups["conv"] == ["fused_conv2d_add_relu"]  # the stem: dense 3x3 stride 2
+    assert any(g.startswith("dw+pointwise ") for g in groups)  # every depthwise conv, with its 1x1
+    assert "depthwise" not in groups
+    (stem,) = groups["conv"]  # the stem: dense 3x3 stride 2 on the image
+    layer = describe(lowered[stem])
+    assert (layer.kernel, layer.stride, layer.in_channels) == ((3, 3), (2, 2), 3)
 
 
 @pytest.mark.slow

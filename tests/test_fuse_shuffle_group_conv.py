@@ -612,8 +612,9 @@ def test_pytorch_spellings_are_fused(spelling):
     model = _randomize(V1Unit(SPELLINGS[spelling]))
     x = torch.randn(1, 24, 8, 8)
     lowered = _check_fused_and_equal(_import_torch(model, x), model, x, shuffles=1)
-    # The depthwise conv that read the shuffle carries its folded BN bias in the same kernel.
-    assert any(k.startswith("fused_shuffle_group_conv2d_add") for k in _kernel_names(lowered))
+    # The depthwise conv that read the shuffle carries its folded BN bias and the 1x1 conv after
+    # it in the same kernel (FuseDepthwisePointwise).
+    assert any(k.startswith("fused_shuffle_group_conv2d_relax_add_relax_nn_conv2d") for k in _kernel_names(lowered))
 
 
 @pytest.mark.parametrize("opset", [13, 18])

@@ -961,6 +961,110 @@ def test_a_dense_3x3_conv_on_many_channels_is_left_alone():
     assert pipeline.schedule(mod, HOST)[2] == 0
 
 
+# --------------------------------------------------------------------------- depthwise + 1x1 in one kernel
+
+
+# name → (data shape, 1x1 output channels, depthwise params, 1x1 groups, shuffle groups of the
+# depthwise conv (None: a plain conv2d), epilogue after the 1x1 conv): FuseDepthwisePointwise's kernels
+DW_PW = {
+    # V2's branch at 28x28: the 1x1 conv in pixel vectors, 14 row blocks: interleaved
+    "v2_28": ((1, 58, 28, 28), 58, dict(padding=1), 1, None, "relu"),
+    # V2's 7x7 (232 channels): the 1x1 conv in channel vectors: stage after stage
+    "v2_7": ((1, 232, 7, 7), 232, dict(padding=1), 1, None, "relu"),
+    # stride 2, 28x28 -> 14x14 (V2's downsampling branch)
+    "v2_s2_14": ((1, 116, 28, 28), 116, dict(padding=1, strides=2), 1, None, "relu"),
+    # stride 2 on a 56x56 input: on x86 the depthwise rows are LLVM's (stage after stage)
+    "v2_s2_56": ((1, 24, 56, 56), 58, dict(padding=1, strides=2), 1, None, "relu"),
+    # V1 g3: the depthwise conv through the shuffle, a grouped 1x1, residual add and ReLU
+    "v1_28": ((1, 60, 28, 28), 60, dict(padding=1), 3, 3, "add_relu"),
+    # an odd plane (10x10, 36 channels) and a 1x1 conv that widens
+    "odd_10": ((1, 36, 10, 10), 48, dict(padding=1), 1, None, "relu"),
+}
+
+
+def _dw_pw(data_shape, out_channels, dw_params, pw_groups, shuffle_groups, epilogue, preset=HOST):
+    """A lowered depthwise 3x3 → bias → 1x1 → bias → epilogue (one kernel) and its reference."""
+    import torch
+
+    rng = np.random.default_rng(sum(data_shape) + out_channels)
+    channels = data_shape[1]
+    w_dw = rng.standard_normal((channels, 1, 3, 3)).astype("float32")
+    b_dw = rng.standard_normal((1, channels, 1, 1)).astype("float32")
+    w_pw = rng.standard_normal((out_channels, channels // pw_groups, 1, 1)).astype("float32")
+    b_pw = rng.standard_normal((1, out_channels, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(data_shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if shuffle_groups:
+                y = emit_shuffle_group_conv2d(bb, x, relax.const(w_dw), shuffle_groups=shuffle_groups,
+                                              conv_groups=channels, **dw_params)
+            else:
+                y = bb.emit(relax.op.nn.conv2d(x, relax.const(w_dw), groups=channels, **dw_params))
+            y = bb.emit(relax.op.add(y, relax.const(b_dw)))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w_pw), groups=pw_groups))
+            y = bb.emit(relax.op.add(y, relax.const(b_pw)))
+            if epilogue == "add_relu":
+                y = bb.emit(relax.op.add(y, x))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), preset)
+
+    def reference(data):
+        shuffled = channel_shuffle_ref(data, shuffle_groups) if shuffle_groups else data
+        conv = torch.nn.functional.conv2d
+        y = conv(torch.from_numpy(shuffled), torch.from_numpy(w_dw), stride=dw_params.get("strides", 1),
+                 padding=dw_params["padding"], groups=channels).numpy() + b_dw
+        y = conv(torch.from_numpy(y), torch.from_numpy(w_pw), groups=pw_groups).numpy() + b_pw
+        return np.maximum(y + data if epilogue == "add_relu" else y, 0)
+
+    return mod, reference
+
+
+def _dw_pw_module():
+    (module,) = [m for m in schedules.load() if m.NAME == "dw_pointwise"]
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(DW_PW))
+def test_depthwise_pointwise_hand_schedule_matches_the_reference_and_the_none_build(name):
+    mod, reference = _dw_pw(*DW_PW[name])
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert layer.kind == "dw_pointwise" and layer.depthwise.shuffled == (DW_PW[name][4] is not None)
+    data = np.random.default_rng(1).standard_normal(DW_PW[name][0]).astype("float32")
+    _hand_matches_reference_and_none(mod, data, reference(data))
+
+
+@pytest.mark.parametrize("name, preset, interleaved", [
+    ("v2_28", X86_AVX2, True), ("v1_28", X86_AVX2, True), ("v2_7", X86_AVX2, False), ("v2_s2_56", X86_AVX2, False),
+    # 14x14 output: AVX2 takes channel vectors (stage after stage), AVX-512 14-float pixel vectors
+    ("v2_s2_14", X86_AVX2, False), ("v2_s2_14", X86_AVX512, True)], ids=str)
+def test_the_depthwise_output_is_computed_in_the_row_block_that_reads_it(name, preset, interleaved):
+    """Interleaved (the 1x1 conv in pixel vectors, enough row blocks): the depthwise conv runs
+    inside the 1x1 conv's parallel loop of row blocks; else (channel vectors, or x86's stride-2
+    rows of two vectors) stage after stage, each conv parallel on its own."""
+    (func,) = _fused_funcs(_dw_pw(*DW_PW[name], preset=preset)[0])
+    layer = schedules.describe(func)
+    pixel_form = _dw_pw_module()._block_rows(layer, schedules.isa_for(preset)) is not None
+    assert pixel_form == (interleaved or name == "v2_s2_56")
+    scheduled = schedules.schedule_primfunc(func, preset)
+    sch = tvm.s_tir.Schedule(scheduled)
+
+    def outermost_loop(conv_block):  # of the conv's update (decompose_reduction named it so)
+        return sch.get(sch.get_loops(sch.get_sblock(f"{conv_block}_update"))[0])
+
+    dw_outer, pw_outer = (outermost_loop(conv.conv_block) for conv in (layer.depthwise, layer.pointwise))
+    assert pw_outer.kind == tvm.tirx.ForKind.PARALLEL
+    assert dw_outer.same_as(pw_outer) is interleaved
+
+
+@pytest.mark.parametrize("name", ["v2_28", "v1_28", "v2_7", "v2_s2_56"])
+def test_depthwise_pointwise_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    mod, _ = _dw_pw(*DW_PW[name], preset=AARCH64)
+    _hand_builds_aarch64_elf(mod, tmp_path / "layer.so")
+
+
 # --------------------------------------------------------------------------- the classifier's matmul
 
 

@@ -6,7 +6,8 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
 1. **import** (:func:`tvmshuffle.frontend.load`): zoo name / ``.pt2`` / ``.onnx`` → Relax,
    weights bound as constants, batch norm folded.
 2. **fuse** (:func:`lower`): ``FuseShuffleGroupConv`` puts every channel shuffle into the
-   convolution that reads it, then TVM's own lowering — LegalizeOps (ops → TIR),
+   convolution that reads it, ``FuseDepthwisePointwise`` every depthwise conv and the 1x1 conv
+   reading it into one kernel, then TVM's own lowering — LegalizeOps (ops → TIR),
    AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
    fused behind each convolution). The result is what MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
@@ -74,15 +75,19 @@ class CompileResult:
     scheduled: object = None
 
 
-def lower_passes(fuse: bool = True) -> list:
-    """Phase 2: the graph passes, in order."""
+def lower_passes(fuse: bool = True, depthwise_pointwise: bool = True) -> list:
+    """Phase 2: the graph passes, in order. ``depthwise_pointwise`` (with ``fuse``): a depthwise
+    conv and the 1x1 conv that reads it become one kernel (the study keeps them apart, to time
+    each ``shuffle_group_conv2d`` alone)."""
     from tvm import relax
 
     passes = []
     if fuse:
-        from .passes import FuseShuffleGroupConv
+        from .passes import FuseDepthwisePointwise, FuseShuffleGroupConv
 
         passes.append(FuseShuffleGroupConv())
+        if depthwise_pointwise:
+            passes.append(FuseDepthwisePointwise())
     passes += [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -94,12 +99,12 @@ def lower_passes(fuse: bool = True) -> list:
     return passes
 
 
-def lower(mod, preset: targets.TargetPreset, fuse: bool = True):
-    """Phase 2: Relax graph → fused Relax calling one PrimFunc per kernel."""
+def lower(mod, preset: targets.TargetPreset, fuse: bool = True, depthwise_pointwise: bool = True):
+    """Phase 2: Relax graph → fused Relax calling one PrimFunc per kernel (:func:`lower_passes`)."""
     import tvm
 
     with targets.tvm_target(preset):
-        return tvm.transform.Sequential(lower_passes(fuse))(mod)
+        return tvm.transform.Sequential(lower_passes(fuse, depthwise_pointwise))(mod)
 
 
 def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,

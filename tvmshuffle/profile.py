@@ -193,8 +193,9 @@ def _kernels_of(path) -> list[Kernel]:
 
 
 def kernel_groups(lowered) -> dict[str, list[str]]:
-    """The kernels (PrimFunc names) of a lowered module by kind: ``pointwise 14x14`` (by output
-    plane), ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool``, ``injective``
+    """The kernels (PrimFunc names) of a lowered module by kind: ``pointwise 14x14`` and
+    ``dw+pointwise 14x14`` (a depthwise conv and the 1x1 after it in one kernel; by output plane),
+    ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool``, ``injective``
     (concatenations, gathers) and ``other`` (the global mean); in first-seen order."""
     import tvm
 
@@ -207,8 +208,9 @@ def kernel_groups(lowered) -> dict[str, list[str]]:
         layer = describe(func)
         if layer is None:
             group = "other"
-        elif layer.kind == "pointwise":
-            group = f"pointwise {layer.out_hw[0]}x{layer.out_hw[1]}"
+        elif layer.kind in ("pointwise", "dw_pointwise"):
+            kind = "pointwise" if layer.kind == "pointwise" else "dw+pointwise"
+            group = f"{kind} {layer.out_hw[0]}x{layer.out_hw[1]}"
         elif layer.kind == "other":  # a conv neither pointwise nor depthwise: dense, strided (the stem)
             group = "conv"
         else:  # depthwise, matmul, pool, injective

@@ -2,8 +2,8 @@
 
 The schedules themselves live in the repository's top-level ``schedules/`` directory (installed
 with the package, see :mod:`tvmshuffle._shipped`), one file per kind of layer (``pointwise.py``,
-``depthwise.py``, ``stem.py``, ``matmul.py``, ``pool.py``, ``injective.py``), so that a user studying them edits plain files; this module is the registry
-that loads them and the glue to the compiler:
+``depthwise.py``, ``dw_pointwise.py``, ``stem.py``, ``matmul.py``, ``pool.py``, ``injective.py``), so that a user studying them edits plain files; this module is the registry
+that loads them (``dw_pointwise.py`` builds on two others: :func:`sibling`) and the glue to the compiler:
 
 * :func:`describe` (of :mod:`tvmshuffle.tir_analysis`, named here too) reads a fused PrimFunc
   (conv block ``shuffle_group_conv2d``, maybe a ``shuffle_pad`` stage before it, epilogue
@@ -188,6 +188,26 @@ def _directory(source: str | os.PathLike) -> Path:
     return shipped_dir() if source == HAND else Path(source)
 
 
+def _load_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"tvmshuffle_schedules.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - a user's file: say which one
+        raise UserError(f"{path}: cannot load this schedule file ({type(err).__name__}: {err})") from err
+    return module
+
+
+def sibling(file: str | os.PathLike, name: str) -> ModuleType:
+    """The schedule file ``name`` (e.g. ``"depthwise"``) in the directory of ``file`` (a schedule
+    file's ``__file__``): how one schedule builds on others (``dw_pointwise.py`` on
+    ``depthwise.py`` and ``pointwise.py``), the copies of its own directory, edited or not."""
+    path = Path(file).with_name(f"{name}.py")
+    if not path.is_file():
+        raise UserError(f"{file}: needs the schedule file {path.name} beside it")
+    return _load_file(path)
+
+
 def load(source: str | os.PathLike = HAND) -> list[ModuleType]:
     """The schedule modules of a directory (``"hand"``: the shipped ones), in file-name order."""
     directory = _directory(source)
@@ -195,12 +215,7 @@ def load(source: str | os.PathLike = HAND) -> list[ModuleType]:
     for path in sorted(directory.glob("*.py")):
         if path.name.startswith("_"):
             continue
-        spec = importlib.util.spec_from_file_location(f"tvmshuffle_schedules.{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001 - a user's file: say which one
-            raise UserError(f"{path}: cannot load this schedule file ({type(err).__name__}: {err})") from err
+        module = _load_file(path)
         missing = [a for a in ("NAME", "matches", "apply") if not hasattr(module, a)]
         if missing:
             raise UserError(f"{path}: a schedule file must define NAME, matches and apply (missing: {', '.join(missing)})")

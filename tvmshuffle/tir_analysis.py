@@ -8,7 +8,8 @@ One place for what ``inspect``/``profile`` (:mod:`tvmshuffle.kernels`), the hand
 * :func:`macs`: multiply-accumulates of the ``acc + a * b`` reduction blocks (conv, matmul);
 * :func:`describe`: a conv kernel — the fused ``shuffle_group_conv2d`` or LegalizeOps'
   ``conv2d_nchw`` / ``group_conv2d_nchw`` — as a :class:`ConvLayer` (kind, stride, groups,
-  shuffle, epilogue), a classifier's matmul as a :class:`MatmulLayer`, a pool as a
+  shuffle, epilogue), a depthwise conv and the 1x1 conv after it in one kernel as a
+  :class:`DwPointwiseLayer` (two ConvLayers), a classifier's matmul as a :class:`MatmulLayer`, a pool as a
   :class:`PoolLayer`, a concatenation or gather as an :class:`InjectiveLayer`, anything else None;
 * :func:`epilogue_name`, :func:`activation_param`, :func:`min_bytes`: the study's readings
   (epilogue labels, the activation a conv reads, minimum traffic);
@@ -65,6 +66,21 @@ class ConvLayer:
     @property
     def conv_groups(self) -> int:
         return self.out_channels // self.out_per_group
+
+
+@dataclass
+class DwPointwiseLayer:
+    """A depthwise conv and the 1x1 conv that reads it in one PrimFunc (``FuseDepthwisePointwise``:
+    the depthwise conv's stages, then the 1x1 conv's), each a :class:`ConvLayer` of its own
+    blocks: the depthwise's ``epilogue`` is its bias, the 1x1's ``pad_block`` its LegalizeOps copy."""
+
+    depthwise: ConvLayer
+    pointwise: ConvLayer
+    kind: str = "dw_pointwise"
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.pointwise.out_hw
 
 
 @dataclass
@@ -290,9 +306,10 @@ def _describe_injective(func, stages, names) -> InjectiveLayer | None:
     return InjectiveLayer(tuple(buffer_shape(last.writes[0].source)), names)
 
 
-def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
+def describe(func) -> ConvLayer | DwPointwiseLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
-    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front — or the
+    LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front —, the
+    :class:`DwPointwiseLayer` of a depthwise conv and the 1x1 conv after it (two conv blocks), the
     :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
     of a max / average pool (kind ``"pool"``), the :class:`InjectiveLayer` of a kernel with no
     reduction writing a 4-D tensor (kind ``"injective"``: concatenations, gathers), or None.
@@ -300,8 +317,6 @@ def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | InjectiveLayer | Non
     Only a lowered, unscheduled PrimFunc is described: its stages are the root's children
     (``blocks(func, nested=False)``), a padding stage at most before the conv, the epilogue after.
     """
-    import tvm
-
     stages = blocks(func, nested=False)
     names = [b.name_hint for b in stages]
     if names and names[0] == "matmul":
@@ -310,11 +325,36 @@ def describe(func) -> ConvLayer | MatmulLayer | PoolLayer | InjectiveLayer | Non
         return _describe_pool(stages, names)
     if stages and not any(n in CONV_BLOCKS for n in names):
         return _describe_injective(func, stages, names)
-    conv_name = next((n for n in CONV_BLOCKS if n in names), None)
-    if conv_name is None or any(n in names for n in CONV_BLOCKS if n != conv_name):
+    convs = [i for i, n in enumerate(names) if _base(n) in CONV_BLOCKS]
+    if len(convs) == 2:
+        return _describe_dw_pointwise(func, stages, names, convs[1])
+    return _describe_conv(func, stages, names)
+
+
+def _base(name: str) -> str:
+    """A block's name without the number FuseTIR appends to make it unique (``pad_temp1``)."""
+    return name.rstrip("0123456789")
+
+
+def _describe_dw_pointwise(func, stages, names, second: int) -> DwPointwiseLayer | None:
+    """Two convs: the depthwise one's stages, then (from the second conv's copy stage on) the 1x1's."""
+    split = second - 1 if second and _base(names[second - 1]) in PAD_BLOCKS else second
+    depthwise = _describe_conv(func, stages[:split], names[:split])
+    pointwise = _describe_conv(func, stages[split:], names[split:])
+    if depthwise is None or pointwise is None or depthwise.kind != "depthwise" or pointwise.kind != "pointwise":
         return None
-    conv_index = names.index(conv_name)
-    pads = [n for n in names[:conv_index] if n in PAD_BLOCKS]
+    return DwPointwiseLayer(depthwise, pointwise)
+
+
+def _describe_conv(func, stages, names) -> ConvLayer | None:
+    """A conv's stages (a padding stage at most, the conv, its epilogue) as a :class:`ConvLayer`."""
+    import tvm
+
+    conv_index = next((i for i, n in enumerate(names) if _base(n) in CONV_BLOCKS), None)
+    if conv_index is None or any(_base(n) in CONV_BLOCKS for n in names[conv_index + 1:]):
+        return None
+    conv_name = names[conv_index]
+    pads = [n for n in names[:conv_index] if _base(n) in PAD_BLOCKS]
     if conv_index != len(pads):  # only a padding stage may come before the conv
         return None
     conv = stages[conv_index]
