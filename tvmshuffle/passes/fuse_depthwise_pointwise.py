@@ -30,19 +30,10 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..ops.shuffle_group_conv2d import CONV_NAME
+from .fuse_shuffle_group_conv import static_shape
 
 #: the composite's name (and the fused PrimFunc's name prefix after FuseTIR: ``fused_relax_nn_conv2d_…``)
 COMPOSITE = "dw_pointwise"
-
-
-def _shape(expr: relax.Expr) -> list[int] | None:
-    """The shape of a tensor-typed expression if every dimension is a constant."""
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    if not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
-        return None
-    return [int(d) for d in ty.shape.values]
 
 
 def _is_depthwise(call: relax.Call) -> bool:
@@ -53,12 +44,12 @@ def _is_depthwise(call: relax.Call) -> bool:
         if not isinstance(callee, tvm.ir.GlobalVar) or not callee.name_hint.startswith(CONV_NAME) \
                 or not isinstance(args, relax.Tuple) or len(args.fields) != 2:
             return False
-        data, weight = _shape(args.fields[0]), _shape(args.fields[1])
-        out = _shape(call)
+        data, weight = static_shape(args.fields[0]), static_shape(args.fields[1])
+        out = static_shape(call)
         return (data is not None and weight is not None and out is not None and len(weight) == 4
                 and weight[1] == 1 and weight[0] == out[1] and weight[2] == weight[3] > 1)
     attrs = call.attrs
-    data, weight = _shape(call.args[0]), _shape(call.args[1])
+    data, weight = static_shape(call.args[0]), static_shape(call.args[1])
     if data is None or weight is None or len(data) != 4 or not _nchw(attrs):
         return False
     channels = data[1]
@@ -72,7 +63,7 @@ def _nchw(attrs) -> bool:
 
 def _is_pointwise(call: relax.Call) -> bool:
     """A 1x1 ``R.nn.conv2d`` (dense or grouped) with stride 1 and no padding, NCHW."""
-    weight = _shape(call.args[1])
+    weight = static_shape(call.args[1])
     return (weight is not None and weight[2:] == [1, 1] and _nchw(call.attrs)
             and all(int(v) == 1 for v in call.attrs.strides) and not any(int(v) for v in call.attrs.padding))
 

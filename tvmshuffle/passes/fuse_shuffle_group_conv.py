@@ -53,7 +53,7 @@ def _is_call(expr: relax.Expr | None, op_name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.same_as(_op(op_name))
 
 
-def _static_shape(expr: relax.Expr) -> list[int] | None:
+def static_shape(expr: relax.Expr) -> list[int] | None:
     """The shape of a tensor-typed expression if every dimension is a constant."""
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
@@ -102,7 +102,7 @@ def match_channel_shuffle(value: relax.Expr, var2val: dict) -> ShuffledChannels 
     if not _is_call(grouped, "relax.reshape") or not isinstance(grouped.args[0], relax.Var):
         return None
     source = grouped.args[0]
-    x_shape, g_shape, s_shape = _static_shape(source), _static_shape(grouped), _static_shape(value)
+    x_shape, g_shape, s_shape = static_shape(source), static_shape(grouped), static_shape(value)
     if x_shape is None or g_shape is None or len(x_shape) != 4 or len(g_shape) != 5:
         return None
     n, c, h, w = x_shape
@@ -153,8 +153,8 @@ def _is_fusable_conv(value: relax.Expr, data: relax.Var) -> bool:
     dtype = str(data.ty.dtype)
     if attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", dtype):
         return False
-    weight_shape = _static_shape(value.args[1])
-    return weight_shape is not None and len(weight_shape) == 4 and _static_shape(value) is not None
+    weight_shape = static_shape(value.args[1])
+    return weight_shape is not None and len(weight_shape) == 4 and static_shape(value) is not None
 
 
 def _uses(func: relax.Function) -> dict[relax.Var, list[relax.VarBinding]]:
