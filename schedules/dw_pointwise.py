@@ -1,7 +1,8 @@
 """A depthwise KxK conv and the 1x1 conv that reads it, in one kernel (``FuseDepthwisePointwise``).
 
 ShuffleNet V2's branch ``1x1 → dw3x3 → 1x1`` ends in a depthwise conv (+ its BN bias) whose
-only reader is the next 1x1 conv; the graph pass puts the two in one PrimFunc. This file
+only reader is the next 1x1 conv, and V1's shuffled depthwise conv is read by a grouped 1x1
+conv alone; the graph pass puts the two in one PrimFunc. This file
 schedules it with the two schedules beside it, ``depthwise.py`` and ``pointwise.py``
 (:func:`tvmshuffle.schedules.sibling`: a copied, edited directory uses its own):
 

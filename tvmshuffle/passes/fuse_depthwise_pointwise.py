@@ -2,15 +2,18 @@
 
 Pattern matched (Relax, before ``LegalizeOps``; NCHW, statically shaped, constant weights)::
 
-    d = R.nn.conv2d(x, w_dw, groups=C)            # depthwise KxK: C -> C channels
+    d = R.nn.conv2d(x, w_dw, groups=C)            # depthwise KxK: C -> C channels, or
+                                                  # a call_tir of shuffle_group_conv2d with a
+                                                  # [C, 1, K, K] weight (it reads a shuffle)
     b = R.add(d, bias_dw)                         # its folded batch norm
     p = R.nn.conv2d(b, w_pw)                      # 1x1, stride 1, no padding (dense or grouped)
     e = R.add(p, bias_pw)                         # its batch norm,
     [e = R.add(e, residual)] [e = R.nn.relu(e)]   # and the epilogue FuseOps would fuse behind it
 
 ShuffleNet V2's branch ``1x1 → dw3x3 → 1x1`` (the depthwise conv and the second 1x1) and the
-stride-2 branch ``dw3x3/2 → 1x1``. A depthwise conv that reads a channel shuffle is fused with
-the shuffle first (:class:`FuseShuffleGroupConv`, ShuffleNet V1's) and is left to that operator.
+downsampling branches ``dw3x3/2 → 1x1``; ShuffleNet V1's ``dw3x3 → grouped 1x1``, whose
+depthwise conv reads the shuffle and so is already a ``shuffle_group_conv2d``
+(:class:`FuseShuffleGroupConv` runs first).
 
 Rewrite: the matched chain becomes one function (``FuseOpsByPattern``, the composite
 ``dw_pointwise``, marked primitive), which ``LegalizeOps`` lowers to TIR and ``FuseTIR`` makes
