@@ -99,29 +99,37 @@ def _scalar_rows(sch, conv, pad, last) -> None:
 
 
 def _row_vectors(sch, layer, isa, conv, pad, last, sample: bool) -> None:
-    """The register tile of row vectors (see "Register tile" above)."""
-    chunk, rows = tile(layer, isa)
-
+    """The register tile of row vectors (see "Register tile" above), parallel over channels."""
     n, o, y, x, *red = sch.get_loops(conv)
+    channel = sch.fuse(n, o)
+    x_out = row_tiles(sch, layer, isa, conv, pad, channel, y, x, red, sample)
+    if last is not None:
+        sch.reverse_compute_at(last, x_out, preserve_unit_loops=True)
+        *_, e_x = sch.get_loops(last)
+        sch.vectorize(e_x)
+    sch.parallel(channel)
+    sch.decompose_reduction(conv, red[0])
+
+
+def row_tiles(sch, layer, isa, conv, pad, channel, y, x, red, sample: bool, rows_of: int | None = None):
+    """Tile one channel's output rows ``y`` x columns ``x`` of ``conv`` (its loops under the
+    channel loop ``channel``, ``red`` its reduction loops) in registers; the padding per channel
+    (stride 1) or folded into the loads (stride 2). ``rows_of``: the rows come in blocks of that
+    many (``dw_pointwise.py``), which the tile's rows divide. Returns the loop over a tile's
+    row chunks (where an epilogue goes)."""
+    chunk, rows = tile(layer, isa)
+    if rows_of is not None:
+        rows = max(d for d in range(1, rows_of + 1) if rows_of % d == 0 and d <= rows)
     y_out, y_in = sch.split(y, split_factors(sch, y, rows, sample))
     x_out, x_in = sch.split(x, [None, chunk])
-    sch.reorder(n, o, y_out, x_out, *red, y_in, x_in)
-    channel = sch.fuse(n, o)
-
+    sch.reorder(y_out, x_out, *red, y_in, x_in)
     if layer.stride[0] == 2:
         sch.compute_inline(pad)  # the padding folded into the loads: no plane is built
     else:
         sch.compute_at(pad, channel, preserve_unit_loops=True)  # this channel's padded plane only
         *_, pad_x = sch.get_loops(pad)
         sch.vectorize(pad_x)
-
-    if last is not None:
-        sch.reverse_compute_at(last, x_out, preserve_unit_loops=True)
-        *_, e_x = sch.get_loops(last)
-        sch.vectorize(e_x)
     for loop in [*red, y_in]:
         sch.unroll(loop)
     sch.vectorize(x_in)
-    sch.parallel(channel)
-    sch.decompose_reduction(conv, red[0])
-
+    return x_out

@@ -32,7 +32,7 @@ apart (interleaved rounds of one process, 16 rounds): V2 1x 3.89 against 3.97 ms
 
 from __future__ import annotations
 
-from tvmshuffle.schedules import sibling, split_factors
+from tvmshuffle.schedules import sibling
 
 NAME = "dw_pointwise"
 #: fewer blocks than this and the cores would idle at the end: V2's 7x7 plane (7 blocks of a
@@ -88,22 +88,9 @@ def _depthwise_in_block(sch, dw, isa, block, rows: int, sample: bool) -> None:
     loops = sch.get_loops(conv)
     red = loops[len(loops) - len(dw.reduction):]
     c, y, x = loops[len(loops) - len(dw.reduction) - 3:len(loops) - len(dw.reduction)]
-    chunk, tile_rows = depthwise.tile(dw, isa)
-    tile_rows = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= tile_rows)
-    y_out, y_in = sch.split(y, split_factors(sch, y, tile_rows, sample))
-    x_out, x_in = sch.split(x, [None, chunk])
-    sch.reorder(y_out, x_out, *red, y_in, x_in)
-    if dw.stride[0] == 2:
-        sch.compute_inline(pad)  # the padding folded into the loads
-    else:
-        sch.compute_at(pad, c, preserve_unit_loops=True)  # this channel's padded rows only
-        *_, pad_x = sch.get_loops(pad)
-        sch.vectorize(pad_x)
+    depthwise.row_tiles(sch, dw, isa, conv, pad, c, y, x, red, sample, rows_of=rows)
     if last is not None:  # the bias on the channel's rows just computed
         sch.reverse_compute_at(last, c, preserve_unit_loops=True)
         *_, e_x = sch.get_loops(last)
         sch.vectorize(e_x)
-    for loop in [*red, y_in]:
-        sch.unroll(loop)
-    sch.vectorize(x_in)
     sch.decompose_reduction(conv, red[0])
