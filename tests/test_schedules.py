@@ -407,6 +407,19 @@ def test_a_schedule_directory_can_be_the_users(tmp_path):
     assert schedules.apply(mod, HOST, tmp_path)[1] == 0  # no pointwise schedule in that dir
 
 
+def test_a_schedule_built_on_another_names_the_file_it_misses(tmp_path):
+    """``dw_pointwise.py`` loads ``depthwise.py`` and ``pointwise.py`` from its own directory
+    (:func:`tvmshuffle.schedules.sibling`); copied without one of them, loading it is one line
+    naming both files; with them, it uses the copies beside it."""
+    (tmp_path / "dw_pointwise.py").write_text((schedules.shipped_dir() / "dw_pointwise.py").read_text())
+    (tmp_path / "pointwise.py").write_text((schedules.shipped_dir() / "pointwise.py").read_text())
+    with pytest.raises(UserError, match=r"dw_pointwise\.py: needs the schedule file depthwise\.py beside it"):
+        schedules.load(tmp_path)
+    (tmp_path / "depthwise.py").write_text((schedules.shipped_dir() / "depthwise.py").read_text())
+    (dw_pointwise,) = [m for m in schedules.load(tmp_path) if m.NAME == "dw_pointwise"]
+    assert Path(dw_pointwise.depthwise.__file__) == tmp_path / "depthwise.py"
+
+
 # --------------------------------------------------------------------------- whole models
 
 
