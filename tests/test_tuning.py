@@ -177,7 +177,8 @@ def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
     finally:
         runner.pool.shutdown()
     builder = candidates.make_builder(config)
-    assert builder.timeout_sec == 11
+    assert builder.timeout_sec == 11 and builder.pool._timeout == 11
+    candidates.shutdown_builder(builder)
     # over RPC: the same evaluator; each candidate's run bounded by the timeout + the device wait
     rpc = tuning.TuneConfig(trials=2, records_dir=tmp_path / "r", number=4, repeat=2, min_repeat_ms=0,
                             runner_timeout_sec=13, device_wait_sec=5, rpc_tracker="127.0.0.1:1", rpc_key="k")
@@ -189,6 +190,42 @@ def test_measurement_settings_reach_the_builder_and_runners(tmp_path):
         assert ms_runner is not runner
     finally:
         runner.pool.shutdown(wait=False)
+
+
+@pytest.mark.timeout(120)
+def test_builder_workers_live_across_batches(tmp_path, monkeypatch):
+    """The builder's worker processes serve call after call (a fresh one imports tvm and torch,
+    ~5 s, which MetaSchedule's LocalBuilder paid on every batch and every seed), are replaced
+    after BUILDS_PER_WORKER builds and after a timeout, and end with :func:`shutdown_builder`."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((64,), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
+    job = ms.builder.BuilderInput(mod, targets.tvm_target(targets.resolve("host")))
+    monkeypatch.setattr(candidates, "BUILDS_PER_WORKER", 3)  # its 4th build is a fresh process's
+    builder = candidates.make_builder(tuning.TuneConfig(trials=1, records_dir=tmp_path, builder_workers=1,
+                                                        progress=False))
+    pool = builder.pool
+
+    def worker_pid():
+        (worker,) = pool._worker_map.values()
+        return worker._proc.pid
+
+    try:
+        results = builder.build([job])
+        assert results[0].error_msg is None and Path(results[0].artifact_path).is_file()
+        first = worker_pid()
+        assert [r.error_msg for r in builder.build([job, job])] == [None, None]
+        assert worker_pid() == first  # the same process: no second import
+        assert builder.build([job])[0].error_msg is None
+        assert worker_pid() != first
+        pool._timeout = 1e-4  # a build past its bound: the message MetaSchedule's builder gives
+        assert "LocalBuilder: Timeout, killed after" in builder.build([job])[0].error_msg
+    finally:
+        candidates.shutdown_builder(builder)
+    assert all(w._proc is None or w._proc.poll() is not None for w in pool._worker_map.values())
 
 
 def test_measurement_defaults_follow_the_cache(tmp_path):

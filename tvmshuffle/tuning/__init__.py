@@ -70,7 +70,7 @@ from ..records import (TARGET_FILE, check_target, has_database, open_database, r
 from ..remote import check_rpc, device_count
 from ..runtime import ThreadConfig, configure_local_threads
 from ..tir_analysis import is_scheduled
-from .candidates import make_builder, make_runner, register_cpu_tensor_intrins, shutdown_runner
+from .candidates import make_builder, make_runner, register_cpu_tensor_intrins, shutdown_builder, shutdown_runner
 from .progress import CURVE_FILE, TaskStat, Tracker, catch_ctrl_c, existing_records, measure_callbacks  # noqa: F401 - CURVE_FILE: one of the files above
 from .seeds import remeasure_hand_seeds, seed_tasks
 
@@ -433,6 +433,7 @@ def _run_tasks(extracted, loggers, database, preset, config: TuneConfig, cross) 
                 tracker.bar = None
             if runner is not ms_runner:  # RPC: the pools we made (LocalRunner's dies with it)
                 shutdown_runner(runner)
+            shutdown_builder(builder)
     return tracker
 
 

@@ -10,10 +10,17 @@ runners, and the bounds on every wait of theirs.
 * :func:`candidate_time`: the median of a candidate's samples is the time it is ranked by.
 
 The builder does not use MetaSchedule's ``default_build``: that imports
-``tvm.s_tir.tensor_intrin`` (~30 s here, mostly CUDA) in every fresh builder process, and the
-builder's process pool is restarted for every batch, so builds timed out in a cascade.
-:func:`_build` does the same without that import (fp32 CPU schedules tensorize nothing), and
-the main process registers only the CPU tensor intrinsics (:func:`register_cpu_tensor_intrins`).
+``tvm.s_tir.tensor_intrin`` (~30 s here, mostly CUDA) in every fresh builder process, so builds
+timed out in a cascade. :func:`_build` does the same without that import (fp32 CPU schedules
+tensorize nothing), and the main process registers only the CPU tensor intrinsics
+(:func:`register_cpu_tensor_intrins`).
+
+Nor is it MetaSchedule's ``LocalBuilder``, which starts new worker processes for every call of
+``build``: one per batch, and one per hand schedule seeded or re-measured (a call each). A
+fresh worker imports tvm, and tvm imports torch: 4.6-5 s of CPU on a Xeon before it builds
+anything, so a 30-task model paid ~2.5 min for its seeds alone. :func:`make_builder`'s
+workers live across calls and are replaced after :data:`BUILDS_PER_WORKER` builds (the reason
+LocalBuilder restarts them: their memory grows with use) or when a build times out.
 """
 
 from __future__ import annotations
@@ -250,17 +257,53 @@ def worker_message(msg: str) -> str:
     return head if tail == head else f"{head} {tail}"
 
 
-def make_builder(config: TuneConfig, cross_compiler: str | None = None):
-    """MetaSchedule's builder for ``config``: parallel local builds bounded by
-    ``builder_timeout_sec`` (``--timeout``), linked by ``cross_compiler`` (None: the host's)."""
-    from tvm.s_tir import meta_schedule as ms
+#: builds a builder worker does before it is replaced by a fresh one (see the module docstring)
+BUILDS_PER_WORKER = 64
 
-    return ms.builder.LocalBuilder(
-        max_workers=config.builder_workers,
-        timeout_sec=config.builder_timeout_sec,
-        f_build=_build,
-        f_export=functools.partial(_export, cross_compiler=cross_compiler),
-    )
+
+def make_builder(config: TuneConfig, cross_compiler: str | None = None):
+    """A MetaSchedule builder for ``config``: parallel local builds, each bounded by
+    ``builder_timeout_sec`` (``--timeout``), linked by ``cross_compiler`` (None: the host's), in
+    worker processes that live until :func:`shutdown_builder` (LocalBuilder's ``build``
+    otherwise, with its results and messages)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import local_builder
+    from tvm.s_tir.meta_schedule.utils import cpu_count
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    f_export = functools.partial(_export, cross_compiler=cross_compiler)
+    timeout = config.builder_timeout_sec
+
+    @derived_object
+    class PooledBuilder(ms.builder.PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.timeout_sec = timeout
+            self.pool = PopenPoolExecutor(max_workers=config.builder_workers or cpu_count(logical=True),
+                                          timeout=timeout, maximum_process_uses=BUILDS_PER_WORKER)
+
+        def build(self, build_inputs):
+            results = []
+            jobs = [(_build, f_export, b.mod, b.target, local_builder._serialize_params(b.params))  # noqa: SLF001
+                    for b in build_inputs]
+            for done in self.pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs):  # noqa: SLF001
+                if done.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(done.value, None))
+                elif done.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"LocalBuilder: Timeout, killed after {timeout} seconds"))
+                else:
+                    results.append(ms.builder.BuilderResult(
+                        None, "LocalBuilder: An exception occurred\n" + str(done.value)))
+            return results
+
+    return PooledBuilder()
+
+
+def shutdown_builder(builder) -> None:
+    """End :func:`make_builder`'s worker processes."""
+    builder._inst.pool.shutdown(wait=False)  # noqa: SLF001
 
 
 def make_runner(config: TuneConfig, workers: int = 1, follow_devices: bool = False):
