@@ -260,8 +260,7 @@ def test_profile_in_the_model_covers_every_group(tmp_path):
     assert {g["group"] for g in as_json["in_model"]} == {g.group for g in result.in_model}
     assert all(len(g["in_model_range_ms"]) == 2 and isinstance(g["within_noise"], bool) for g in as_json["in_model"])
     assert as_json["vm_only_ms"] == result.vm_only_ms
-    assert "in_model" not in profile.profile(SMALL, CompileConfig(input_shape=SHAPE), devices.open_device(),
-                                             number=1, repeat=1).as_dict()  # only when asked
+    # without --in-model, no such rows: test_threads.py's test_profile_and_bench_with_threads_on_the_device
 
 
 def test_a_groups_cost_in_the_model_is_taken_round_by_round():

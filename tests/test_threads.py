@@ -179,7 +179,9 @@ def test_profile_and_bench_with_threads_on_the_device(pool_env, small_host_libra
     rpc = ["--rpc-tracker", pool_env.tracker, "--rpc-key", pool_env.key, "--threads", 1, "--affinity", "big"]
     proc = tvmshuffle("profile", small_host_library, "--number", 1, "--repeat", 1, "--json", *rpc)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["where"].startswith(f"{pool_env.key} via {pool_env.tracker}, 1 threads")
+    report = json.loads(proc.stdout)
+    assert report["where"].startswith(f"{pool_env.key} via {pool_env.tracker}, 1 threads")
+    assert report["kernels"] and "in_model" not in report  # each group's cost in the model: only when asked
     proc = tvmshuffle("bench", SMALL, "--input-shape", ",".join(map(str, SMALL_SHAPE)), "--repeat", 2,
                       "--tuning-records", tmp_path / "none", "--json", tmp_path / "bench.json", *rpc)
     assert proc.returncode == 0, proc.stderr[-2000:]
