@@ -18,7 +18,7 @@ tensorize nothing), and the main process registers only the CPU tensor intrinsic
 Nor is it MetaSchedule's ``LocalBuilder``, which starts new worker processes for every call of
 ``build``: one per batch, and one per hand schedule seeded or re-measured (a call each). A
 fresh worker imports tvm, and tvm imports torch: 4.6-5 s of CPU on a Xeon before it builds
-anything, so a 30-task model paid ~2.5 min for its seeds alone. :func:`make_builder`'s
+anything, paid twice per seeded task (seeding, then re-measuring) and once per batch. :func:`make_builder`'s
 workers live across calls and are replaced after :data:`BUILDS_PER_WORKER` builds (the reason
 LocalBuilder restarts them: their memory grows with use) or when a build times out.
 """
