@@ -64,6 +64,10 @@ def test_bench_runs_every_row(records_root, tmp_path):
     for name in ("tvm-untuned-unfused", "tvm-untuned-fused"):  # --schedules none: TVM alone
         assert "hand" not in rows[name]["note"] and "tuned" not in rows[name]["note"]
     assert "| tvm-tuned-fused |" in proc.stdout  # the markdown table
+    # stdout is the table alone (scripts/readme_figures.sh tees it into docs/<cpu>/bench-*.md);
+    # the files written are said on stderr
+    assert "wrote" not in proc.stdout
+    assert f"wrote {out_json}" in proc.stderr and f"wrote {out_png}" in proc.stderr
     png = out_png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     import matplotlib.image

@@ -185,12 +185,12 @@ def cmd_bench(args) -> int:
         rpc_timeout=args.rpc_timeout, force_records=args.force_records,
     )
     report = bench.bench(args.model, config)
-    print(bench.markdown(report))
+    print(bench.markdown(report))  # stdout: the table alone (`bench ... > table.md`)
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        print(f"wrote {bench.plot(report, Path(args.plot))}")
+        print(f"wrote {bench.plot(report, Path(args.plot))}", file=sys.stderr)
     wrong = [r.variant for r in report.rows if r.correct is False]
     if wrong:
         raise UserError(f"outputs differ from PyTorch: {', '.join(wrong)}")
