@@ -62,6 +62,12 @@ def matches(layer, isa) -> bool:
 
 
 def apply(sch, layer, isa, sample: bool = False) -> None:
+    tile_rows(sch, layer, isa, sample, parallel=True)
+
+
+def tile_rows(sch, layer, isa, sample: bool = False, parallel: bool = False) -> None:
+    """The conv's tiles, its epilogue and its padded rows, row by row, the rows over the cores
+    if ``parallel`` (``conv_pool.py`` runs them inside a parallel block of pool rows)."""
     chunk, rows = _tile(layer, isa)
     conv = sch.get_sblock(layer.conv_block)
     pad = sch.get_sblock(layer.pad_block) if layer.pad_block else None
@@ -72,7 +78,9 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     last = epilogue[-1] if epilogue else None
 
     acc = sch.cache_write(conv, 0, "local")  # the tile's accumulators (registers)
-    n, o, y, x, *red = sch.get_loops(conv)
+    loops = sch.get_loops(conv)
+    red = loops[len(loops) - len(layer.reduction):]
+    n, o, y, x = loops[len(loops) - len(layer.reduction) - 4:len(loops) - len(layer.reduction)]
     o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
     x_out, x_in = sch.split(x, [None, chunk])
     sch.reorder(n, y, o_out, x_out, *red, o_in, x_in)
@@ -88,7 +96,8 @@ def apply(sch, layer, isa, sample: bool = False) -> None:
     for loop in [*red, o_in]:
         sch.unroll(loop)
     sch.vectorize(x_in)
-    sch.parallel(outer)
+    if parallel:
+        sch.parallel(outer)
     sch.decompose_reduction(conv, red[0])
     if pad is not None:  # the padded rows this output row reads, right before its tiles
         sch.compute_at(pad, outer)

@@ -226,13 +226,14 @@ def test_kernel_groups_partition_the_kernels():
     names = [n for group in groups.values() for n in group]
     kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert sorted(names) == sorted(kernels)  # each kernel in exactly one group
-    assert {"conv", "matmul", "pool", "injective", "other"} <= set(groups)
+    assert {"conv+pool", "matmul", "pool", "injective", "other"} <= set(groups)  # pool: V1's average pools
     assert any(g.startswith("pointwise ") for g in groups)
     assert any(g.startswith("dw+pointwise ") for g in groups)  # every depthwise conv, with its 1x1
-    assert "depthwise" not in groups
-    (stem,) = groups["conv"]  # the stem: dense 3x3 stride 2 on the image
+    assert "depthwise" not in groups and "conv" not in groups
+    (stem,) = groups["conv+pool"]  # the stem (dense 3x3 stride 2 on the image) with its max pool
     layer = describe(lowered[stem])
-    assert (layer.kernel, layer.stride, layer.in_channels) == ((3, 3), (2, 2), 3)
+    assert (layer.conv.kernel, layer.conv.stride, layer.conv.in_channels) == ((3, 3), (2, 2), 3)
+    assert all(describe(lowered[name]).block == "pool_sum" for name in groups["pool"])
 
 
 @pytest.mark.slow

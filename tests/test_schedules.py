@@ -1078,6 +1078,83 @@ def test_depthwise_pointwise_hand_schedule_builds_for_aarch64_neon(name, tmp_pat
     _hand_builds_aarch64_elf(mod, tmp_path / "layer.so")
 
 
+# --------------------------------------------------------------------------- the stem conv + max pool in one kernel
+
+
+# name → (data shape, conv output channels, conv params, ReLU or not, pool params): FuseConvPool's kernels
+CONV_POOL = {
+    # ShuffleNet's stem at 64x64: conv 3x3/2 → 32x32, max pool 3x3/2 → 16 rows, 4 blocks of 4
+    "stem_64": ((1, 3, 64, 64), 24, dict(strides=2, padding=1), True, dict(pool_size=3, strides=2, padding=1)),
+    # 36x64 → 18x32 → 9x16: blocks of 3 rows; no ReLU (the -inf border meets negative values)
+    "stem_36x64_no_relu": ((1, 3, 36, 64), 24, dict(strides=2, padding=1), False,
+                           dict(pool_size=3, strides=2, padding=1)),
+    # a stride-1 conv (12 channels) on 48x48 and a 2x2/2 pool with no padding: 24 rows, blocks of 4
+    "s1_pool2": ((1, 3, 48, 48), 12, dict(padding=1), True, dict(pool_size=2, strides=2)),
+}
+
+
+def _conv_pool(data_shape, out_channels, conv_params, relu, pool_params, preset=HOST):
+    """A lowered conv 3x3 → bias → [ReLU] → max pool (one kernel) and its reference."""
+    import torch
+
+    rng = np.random.default_rng(sum(data_shape) + out_channels)
+    weight = rng.standard_normal((out_channels, data_shape[1], 3, 3)).astype("float32")
+    bias = rng.standard_normal((1, out_channels, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(data_shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(x, relax.const(weight), **conv_params)),
+                                     relax.const(bias)))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(y, **pool_params)))
+        bb.emit_func_output(out)
+    mod = pipeline.lower(bb.get(), preset)
+
+    def reference(data):
+        y = torch.nn.functional.conv2d(torch.from_numpy(data), torch.from_numpy(weight),
+                                       stride=conv_params.get("strides", 1), padding=conv_params["padding"])
+        y = y + torch.from_numpy(bias)
+        y = torch.relu(y) if relu else y
+        return torch.nn.functional.max_pool2d(y, pool_params["pool_size"], pool_params["strides"],
+                                              pool_params.get("padding", 0)).numpy()
+
+    return mod, reference
+
+
+@pytest.mark.parametrize("name", sorted(CONV_POOL))
+def test_conv_pool_hand_schedule_matches_the_reference_and_the_none_build(name):
+    mod, reference = _conv_pool(*CONV_POOL[name])
+    (func,) = _fused_funcs(mod)
+    layer = schedules.describe(func)
+    assert layer.kind == "conv_pool" and layer.conv.kind == "other"
+    (module,) = [m for m in schedules.load() if m.matches(layer, schedules.isa_for(HOST))]
+    assert module.NAME == "conv_pool"
+    data = np.random.default_rng(1).standard_normal(CONV_POOL[name][0]).astype("float32")
+    _hand_matches_reference_and_none(mod, data, reference(data))
+
+
+@pytest.mark.parametrize("name", ["stem_64", "s1_pool2"])
+def test_the_conv_rows_are_computed_in_the_block_of_pool_rows_that_reads_them(name):
+    """The conv's update and the pool's windows run under one parallel loop (the blocks of pool
+    rows): each block computes the conv rows its windows read."""
+    (func,) = _fused_funcs(_conv_pool(*CONV_POOL[name])[0])
+    layer = schedules.describe(func)
+    sch = tvm.s_tir.Schedule(schedules.schedule_primfunc(func, HOST))
+    conv_outer, pool_outer = (sch.get(sch.get_loops(sch.get_sblock(f"{block}_update"))[0])
+                              for block in (layer.conv.conv_block, layer.pool.block))
+    assert pool_outer.kind == tvm.tirx.ForKind.PARALLEL and conv_outer.same_as(pool_outer)
+    blocks = int(pool_outer.extent)
+    assert blocks > 1 and layer.pool.out_hw[0] % blocks == 0
+
+
+@pytest.mark.parametrize("name", sorted(CONV_POOL))
+def test_conv_pool_hand_schedule_builds_for_aarch64_neon(name, tmp_path):
+    mod, _ = _conv_pool(*CONV_POOL[name], preset=AARCH64)
+    _hand_builds_aarch64_elf(mod, tmp_path / "layer.so")
+
+
 # --------------------------------------------------------------------------- the classifier's matmul
 
 

@@ -7,7 +7,7 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    weights bound as constants, batch norm folded.
 2. **fuse** (:func:`lower`): ``FuseShuffleGroupConv`` puts every channel shuffle into the
    convolution that reads it, ``FuseDepthwisePointwise`` every depthwise conv and the 1x1 conv
-   reading it into one kernel, then TVM's own lowering — LegalizeOps (ops → TIR),
+   reading it into one kernel, ``FuseConvPool`` the stem conv and its max pool, then TVM's own lowering — LegalizeOps (ops → TIR),
    AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
    fused behind each convolution). The result is what MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
@@ -77,17 +77,17 @@ class CompileResult:
 
 def lower_passes(fuse: bool = True, depthwise_pointwise: bool = True) -> list:
     """Phase 2: the graph passes, in order. ``depthwise_pointwise`` (with ``fuse``): a depthwise
-    conv and the 1x1 conv that reads it become one kernel (the study keeps them apart, to time
-    each ``shuffle_group_conv2d`` alone)."""
+    conv and the 1x1 conv that reads it become one kernel, and so do the stem conv and its max
+    pool (the study keeps them apart, to time each ``shuffle_group_conv2d`` alone)."""
     from tvm import relax
 
     passes = []
     if fuse:
-        from .passes import FuseDepthwisePointwise, FuseShuffleGroupConv
+        from .passes import FuseConvPool, FuseDepthwisePointwise, FuseShuffleGroupConv
 
         passes.append(FuseShuffleGroupConv())
         if depthwise_pointwise:
-            passes.append(FuseDepthwisePointwise())
+            passes += [FuseDepthwisePointwise(), FuseConvPool()]
     passes += [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -195,8 +195,9 @@ def _kernels_of(path) -> list[Kernel]:
 def kernel_groups(lowered) -> dict[str, list[str]]:
     """The kernels (PrimFunc names) of a lowered module by kind: ``pointwise 14x14`` and
     ``dw+pointwise 14x14`` (a depthwise conv and the 1x1 after it in one kernel; by output plane),
-    ``depthwise``, ``conv`` (dense/strided: the stem), ``matmul``, ``pool``, ``injective``
-    (concatenations, gathers) and ``other`` (the global mean); in first-seen order."""
+    ``depthwise``, ``conv`` (dense/strided: the stem), ``conv+pool`` (the stem and its max pool
+    in one kernel), ``matmul``, ``pool``, ``injective`` (concatenations, gathers) and ``other``
+    (the global mean); in first-seen order."""
     import tvm
 
     from .tir_analysis import describe
@@ -213,6 +214,8 @@ def kernel_groups(lowered) -> dict[str, list[str]]:
             group = f"{kind} {layer.out_hw[0]}x{layer.out_hw[1]}"
         elif layer.kind == "other":  # a conv neither pointwise nor depthwise: dense, strided (the stem)
             group = "conv"
+        elif layer.kind == "conv_pool":
+            group = "conv+pool"
         else:  # depthwise, matmul, pool, injective
             group = layer.kind
         groups.setdefault(group, []).append(gv.name_hint)

@@ -9,7 +9,8 @@ One place for what ``inspect``/``profile`` (:mod:`tvmshuffle.kernels`), the hand
 * :func:`describe`: a conv kernel — the fused ``shuffle_group_conv2d`` or LegalizeOps'
   ``conv2d_nchw`` / ``group_conv2d_nchw`` — as a :class:`ConvLayer` (kind, stride, groups,
   shuffle, epilogue), a depthwise conv and the 1x1 conv after it in one kernel as a
-  :class:`DwPointwiseLayer` (two ConvLayers), a classifier's matmul as a :class:`MatmulLayer`, a pool as a
+  :class:`DwPointwiseLayer` (two ConvLayers), a conv and the max pool after it as a
+  :class:`ConvPoolLayer`, a classifier's matmul as a :class:`MatmulLayer`, a pool as a
   :class:`PoolLayer`, a concatenation or gather as an :class:`InjectiveLayer`, anything else None;
 * :func:`epilogue_name`, :func:`activation_param`, :func:`min_bytes`: the study's readings
   (epilogue labels, the activation a conv reads, minimum traffic);
@@ -81,6 +82,20 @@ class DwPointwiseLayer:
     @property
     def out_hw(self) -> tuple[int, int]:
         return self.pointwise.out_hw
+
+
+@dataclass
+class ConvPoolLayer:
+    """A conv and the max pool that reads it in one PrimFunc (``FuseConvPool``: the conv's
+    stages — padding, conv, bias, ReLU —, then the pool's), each of its own blocks."""
+
+    conv: ConvLayer
+    pool: PoolLayer
+    kind: str = "conv_pool"
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.pool.out_hw
 
 
 @dataclass
@@ -306,11 +321,11 @@ def _describe_injective(func, stages, names) -> InjectiveLayer | None:
     return InjectiveLayer(tuple(buffer_shape(last.writes[0].source)), names)
 
 
-def describe(func) -> ConvLayer | DwPointwiseLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
+def describe(func) -> ConvLayer | DwPointwiseLayer | ConvPoolLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
     LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front —, the
     :class:`DwPointwiseLayer` of a depthwise conv and the 1x1 conv after it (two conv blocks), the
-    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
+    :class:`ConvPoolLayer` of a conv and the max pool after it, the :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
     of a max / average pool (kind ``"pool"``), the :class:`InjectiveLayer` of a kernel with no
     reduction writing a 4-D tensor (kind ``"injective"``: concatenations, gathers), or None.
 
@@ -322,6 +337,8 @@ def describe(func) -> ConvLayer | DwPointwiseLayer | MatmulLayer | PoolLayer | I
     if names and names[0] == "matmul":
         return _describe_matmul(func, stages, names)
     if any(n in POOL_BLOCKS for n in names):
+        if any(_base(n) in CONV_BLOCKS for n in names):
+            return _describe_conv_pool(func, stages, names)
         return _describe_pool(stages, names)
     if stages and not any(n in CONV_BLOCKS for n in names):
         return _describe_injective(func, stages, names)
@@ -344,6 +361,21 @@ def _describe_dw_pointwise(func, stages, names, second: int) -> DwPointwiseLayer
     if depthwise is None or pointwise is None or depthwise.kind != "depthwise" or pointwise.kind != "pointwise":
         return None
     return DwPointwiseLayer(depthwise, pointwise)
+
+
+def _describe_conv_pool(func, stages, names) -> ConvPoolLayer | None:
+    """A conv's stages, then (from the pool's padding stage on) a max pool's."""
+    pool_index = names.index("pool_max") if "pool_max" in names else None
+    if pool_index is None:
+        return None
+    split = pool_index - 1 if pool_index and _base(names[pool_index - 1]) in PAD_BLOCKS else pool_index
+    conv = _describe_conv(func, stages[:split], names[:split])
+    pool = _describe_pool(stages[split:], [_base(n) for n in names[split:]])
+    if conv is None or pool is None or conv.kind != "other" or not conv.epilogue:
+        return None
+    pool.block, pool.pad_block = names[pool_index], names[split] if split < pool_index else None
+    pool.epilogue = names[pool_index + 1:]
+    return ConvPoolLayer(conv, pool)
 
 
 def _describe_conv(func, stages, names) -> ConvLayer | None:

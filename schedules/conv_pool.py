@@ -1,0 +1,68 @@
+"""The stem conv and the max pool that reads it, in one kernel (``FuseConvPool``).
+
+Both ShuffleNets open with ``conv3x3/2 → BN → ReLU → maxpool3x3/2``. Apart, the conv writes
+its 24 x 112 x 112 plane (1.2 MB) to memory and the pool reads it back; the graph pass puts the
+two in one PrimFunc, and this file schedules it with ``stem.py`` beside it
+(:func:`tvmshuffle.schedules.sibling`):
+
+* **Blocks of pool rows over the cores.** The pool's output rows are cut into blocks of
+  :data:`POOL_ROWS`; each block first computes the conv rows its windows read (``compute_at``:
+  TVM sizes the buffer to the block, 24 channels x 2 x POOL_ROWS + 1 rows x 112 floats, about
+  85 KB: L2), with ``stem.py``'s tiles, epilogue and padded input rows, then its windows.
+  The conv's plane never goes to memory. Neighbouring blocks share one conv row, which both
+  compute: 1 row in 2 x POOL_ROWS more conv work.
+* **The windows** read the conv rows with the pool's padding folded into the loads (its
+  ``-inf`` border is a bounds test), the taps unrolled; on x86 the output row is left to LLVM's
+  loop vectorizer, as in ``pool.py``; on NEON TVM vectorizes it.
+"""
+
+from __future__ import annotations
+
+from tvmshuffle.schedules import phase_columns, sibling, vectorize_padding
+
+NAME = "conv_pool"
+#: pool output rows per block: 56 rows make 14 blocks, 7 per core on 2 cores
+POOL_ROWS = 4
+
+stem = sibling(__file__, "stem")
+
+
+def matches(layer, isa) -> bool:
+    return (layer.kind == "conv_pool" and stem.matches(layer.conv, isa) and layer.pool.block == "pool_max"
+            and not layer.pool.epilogue and layer.pool.out_hw[0] % _rows(layer) == 0)
+
+
+def _rows(layer) -> int:
+    height = layer.pool.out_hw[0]
+    return next((r for r in range(POOL_ROWS, 0, -1) if height % r == 0), 1)
+
+
+def apply(sch, layer, isa, sample: bool = False) -> None:
+    pool = sch.get_sblock(layer.pool.block)
+    pad = sch.get_sblock(layer.pool.pad_block) if layer.pool.pad_block is not None else None
+    # as pool.py: NEON vectorizes the output row over a plane in two phases, x86 leaves the
+    # scalar row to LLVM's loop vectorizer
+    vector_rows = isa.deinterleaving_loads
+    phased = vector_rows and pad is not None and phase_columns(sch, pad, layer.pool.stride[1])
+    n, c, oy, ox, ry, rx = sch.get_loops(pool)
+    oy_out, oy_in = sch.split(oy, [None, _rows(layer)])
+    if vector_rows:
+        sch.reorder(n, oy_out, c, oy_in, ry, rx, ox)
+    else:
+        sch.reorder(n, oy_out, c, oy_in, ox, ry, rx)
+    block = sch.fuse(n, oy_out)
+    sch.parallel(block)
+    if pad is not None:  # the block's conv rows inside the pool's -inf border: no bounds tests in the windows
+        sch.compute_at(pad, block, preserve_unit_loops=True)
+        vectorize_padding(sch, pad, phased, isa)
+    # the conv rows the block's windows read, computed in the block: the epilogue (the consumers
+    # first), then the conv, tiled by stem.py
+    for name in reversed(layer.conv.epilogue):
+        sch.compute_at(sch.get_sblock(name), block, preserve_unit_loops=True)
+    sch.compute_at(sch.get_sblock(layer.conv.conv_block), block, preserve_unit_loops=True)
+    stem.tile_rows(sch, layer.conv, isa, sample)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    if vector_rows:
+        sch.vectorize(ox)
+    sch.decompose_reduction(pool, ry)

@@ -1,0 +1,111 @@
+"""FuseConvPool: golden IR, chains it must leave alone, and the zoo models' stems."""
+
+import numpy as np
+import pytest
+
+import tvm
+from tvm import relax
+
+from tvmshuffle import pipeline, schedules, targets
+from tvmshuffle.passes import FuseConvPool
+
+from conftest import zoo_import
+
+FUSED_NAME = "fused_relax_nn_conv2d_relax_add_relax_nn_relu_relax_nn_max_pool2d"
+SHAPE = [1, 3, 16, 16]
+
+
+def _weights(out=8, groups=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return (relax.const(rng.standard_normal((out, 3 // groups, 3, 3)).astype("float32")),
+            relax.const(rng.standard_normal((1, out, 1, 1)).astype("float32")))
+
+
+def _chain(bb, x, weights, groups=1, pool=relax.op.nn.max_pool2d):
+    """conv3x3/2 → bias → ReLU, emitted into ``bb``'s dataflow block; → the pool 3x3/2 (to emit)."""
+    weight, bias = weights
+    y = bb.emit(relax.op.nn.conv2d(x, weight, strides=2, padding=1, groups=groups))
+    y = bb.emit(relax.op.add(y, bias))
+    y = bb.emit(relax.op.nn.relu(y))
+    return pool(y, pool_size=3, strides=2, padding=1)
+
+
+def _module(weights, **chain):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(_chain(bb, x, weights, **chain))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+# =========================================================================== golden IR
+
+
+def test_the_stem_conv_and_the_max_pool_after_it_become_one_function():
+    weights = _weights()
+    before = _module(weights)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
+    params = [relax.Var(f"param_{i}", w.ty) for i, w in enumerate(weights)]
+    with bb.function(FUSED_NAME, [x, *params], attrs={"Composite": "conv_pool", "Primitive": True}, private=True):
+        with bb.dataflow():
+            out = bb.emit_output(_chain(bb, x, params))
+        bb.emit_func_output(out)
+    fused = bb.get().get_global_var(FUSED_NAME)
+    x_main = relax.Var("x", relax.TensorType(SHAPE, "float32"))
+    with bb.function("main", [x_main]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(fused, [x_main, *weights]))
+        bb.emit_func_output(out)
+    expected = bb.get()
+
+    tvm.ir.assert_structural_equal(FuseConvPool()(before), expected)
+
+
+@pytest.mark.parametrize("case", ["grouped_conv", "average_pool", "conv_output_read_twice"])
+def test_chains_the_fused_kernel_does_not_compute_are_left_alone(case):
+    """A grouped conv, an average pool, a conv output something else also reads."""
+    if case == "grouped_conv":
+        mod = _module(_weights(out=6, groups=3), groups=3)
+    elif case == "average_pool":
+        mod = _module(_weights(), pool=relax.op.nn.avg_pool2d)
+    else:
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
+        weight, bias = _weights()
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(
+                    bb.emit(relax.op.nn.conv2d(x, weight, strides=2, padding=1)), bias))))
+                p = bb.emit(relax.op.nn.max_pool2d(y, pool_size=3, strides=2, padding=1))
+                out = bb.emit_output(relax.Tuple([p, y]))
+            bb.emit_func_output(out)
+        mod = bb.get()
+    tvm.ir.assert_structural_equal(FuseConvPool()(mod), mod)
+
+
+# =========================================================================== after lowering
+
+
+def _conv_pool_kernels(mod) -> list:
+    return [schedules.describe(f) for _, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and getattr(schedules.describe(f), "kind", None) == "conv_pool"]
+
+
+@pytest.mark.parametrize("model", ["shufflenet_v2_x1_0", "shufflenet_v1_g3_x1_0"])
+def test_the_zoo_models_stem_is_one_kernel_with_its_max_pool(model):
+    """Lowered, each model has one conv_pool kernel (its stem: 3 → 24 channels, 3x3/2, bias and
+    ReLU, max pool 3x3/2) and no max pool of its own; the unfused lowering keeps them apart."""
+    lowered = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"))
+    (layer,) = _conv_pool_kernels(lowered)
+    conv, pool = layer.conv, layer.pool
+    assert (conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.out_hw) == (3, 24, (3, 3), (2, 2), (112, 112))
+    assert [b.rstrip("0123456789") for b in conv.epilogue] == ["T_add", "compute"]
+    assert (pool.block, pool.kernel, pool.stride, pool.out_hw) == ("pool_max", (3, 3), (2, 2), (56, 56))
+    layers = [schedules.describe(f) for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [x for x in layers if getattr(x, "kind", None) == "pool" and x.block == "pool_max"]
+    unfused = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"), fuse=False)
+    assert not _conv_pool_kernels(unfused)
