@@ -14,6 +14,18 @@ two in one PrimFunc, and this file schedules it with ``stem.py`` beside it
 * **The windows** read the conv rows with the pool's padding folded into the loads (its
   ``-inf`` border is a bounds test), the taps unrolled; on x86 the output row is left to LLVM's
   loop vectorizer, as in ``pool.py``; on NEON TVM vectorizes it.
+
+Measured (Intel Xeon, LLVM ``rocketlake``, 2 threads). Alone and warm the one kernel is slower
+than the two: 141-153 us against 79-81 (``stem.py``) + 38-41 (``pool.py``) — one conv row in
+eight computed twice, and the pool's padded rows copied per block. In the model it wins where
+the memory traffic was: ``profile --in-model`` on V1 g3 1x put the stem at 0.287 ms and its max
+pool near 0.07 ms apart, 0.245 ms as one kernel; the whole model, 4 interleaved rounds of
+``run --repeat 40 --number 10``, went from 2.61-2.67 to 2.51-2.59 ms (V1 g3 1x) and stayed at
+2.72-2.83 ms (V2 1x, whose stem and pool had tuned records). Blocks of 7 pool rows (8 blocks)
+measured the same as blocks of 4. Of two forms that would drop the copy, the pool's padding
+folded into the loads ran slower (a bounds test per tap: 340 against 270 us, one thread), and
+the ReLU written straight into the padded rows does not schedule (``decompose_padding`` leaves
+the rows two writers, which ``reverse_compute_at`` refuses).
 """
 
 from __future__ import annotations
