@@ -39,6 +39,43 @@ def zoo_import(name: str, shape: tuple[int, ...] = SMALL_SHAPE):
     return frontend.load(name, shape)
 
 
+def chain_module(input_type, chain):
+    """A module whose ``main(x)`` is one chain of ops: ``chain(bb, x)`` emits it into ``bb``'s
+    dataflow block and returns its last expression (to emit as the output)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", input_type)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(chain(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def composite_module(fused_name: str, composite: str, input_type, weights: list, chain):
+    """The module ``FuseOpsByPattern`` makes of one matched chain: a private primitive function
+    ``fused_name`` (attr ``Composite``: ``composite``) taking the input and the weights as
+    ``param_N``, and ``main`` calling it with the constants ``weights``. ``chain(bb, x, params)``
+    emits the chain into ``bb``'s dataflow block and returns its last expression (to emit)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", input_type)
+    params = [relax.Var(f"param_{i}", w.ty) for i, w in enumerate(weights)]
+    with bb.function(fused_name, [x, *params], attrs={"Composite": composite, "Primitive": True}, private=True):
+        with bb.dataflow():
+            out = bb.emit_output(chain(bb, x, params))
+        bb.emit_func_output(out)
+    fused = bb.get().get_global_var(fused_name)
+    x_main = relax.Var("x", input_type)
+    with bb.function("main", [x_main]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(fused, [x_main, *weights]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

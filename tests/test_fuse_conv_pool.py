@@ -9,7 +9,7 @@ from tvm import relax
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.passes import FuseConvPool
 
-from conftest import zoo_import
+from conftest import chain_module, composite_module, zoo_import
 
 FUSED_NAME = "fused_relax_nn_conv2d_relax_add_relax_nn_relu_relax_nn_max_pool2d"
 SHAPE = [1, 3, 16, 16]
@@ -31,13 +31,7 @@ def _chain(bb, x, weights, groups=1, pool=relax.op.nn.max_pool2d):
 
 
 def _module(weights, **chain):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(_chain(bb, x, weights, **chain))
-        bb.emit_func_output(out)
-    return bb.get()
+    return chain_module(relax.TensorType(SHAPE, "float32"), lambda bb, x: _chain(bb, x, weights, **chain))
 
 
 # =========================================================================== golden IR
@@ -46,22 +40,7 @@ def _module(weights, **chain):
 def test_the_stem_conv_and_the_max_pool_after_it_become_one_function():
     weights = _weights()
     before = _module(weights)
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
-    params = [relax.Var(f"param_{i}", w.ty) for i, w in enumerate(weights)]
-    with bb.function(FUSED_NAME, [x, *params], attrs={"Composite": "conv_pool", "Primitive": True}, private=True):
-        with bb.dataflow():
-            out = bb.emit_output(_chain(bb, x, params))
-        bb.emit_func_output(out)
-    fused = bb.get().get_global_var(FUSED_NAME)
-    x_main = relax.Var("x", relax.TensorType(SHAPE, "float32"))
-    with bb.function("main", [x_main]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(fused, [x_main, *weights]))
-        bb.emit_func_output(out)
-    expected = bb.get()
-
+    expected = composite_module(FUSED_NAME, "conv_pool", relax.TensorType(SHAPE, "float32"), list(weights), _chain)
     tvm.ir.assert_structural_equal(FuseConvPool()(before), expected)
 
 
@@ -73,17 +52,14 @@ def test_chains_the_fused_kernel_does_not_compute_are_left_alone(case):
     elif case == "average_pool":
         mod = _module(_weights(), pool=relax.op.nn.avg_pool2d)
     else:
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
         weight, bias = _weights()
-        with bb.function("main", [x]):
-            with bb.dataflow():
-                y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(
-                    bb.emit(relax.op.nn.conv2d(x, weight, strides=2, padding=1)), bias))))
-                p = bb.emit(relax.op.nn.max_pool2d(y, pool_size=3, strides=2, padding=1))
-                out = bb.emit_output(relax.Tuple([p, y]))
-            bb.emit_func_output(out)
-        mod = bb.get()
+
+        def read_twice(bb, x):
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(
+                bb.emit(relax.op.nn.conv2d(x, weight, strides=2, padding=1)), bias))))
+            return relax.Tuple([bb.emit(relax.op.nn.max_pool2d(y, pool_size=3, strides=2, padding=1)), y])
+
+        mod = chain_module(relax.TensorType(SHAPE, "float32"), read_twice)
     tvm.ir.assert_structural_equal(FuseConvPool()(mod), mod)
 
 

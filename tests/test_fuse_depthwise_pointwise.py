@@ -10,7 +10,7 @@ from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.ops import emit_shuffle_group_conv2d
 from tvmshuffle.passes import FuseDepthwisePointwise
 
-from conftest import zoo_import
+from conftest import chain_module, composite_module, zoo_import
 
 FUSED_NAME = "fused_relax_nn_conv2d_relax_add_relax_nn_conv2d_relax_add_relax_nn_relu"
 
@@ -39,13 +39,7 @@ def _chain(bb, x, weights, between=None, pw_strides=1):
 
 
 def _module(weights, **chain):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 4, 6, 6], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(_chain(bb, x, weights, **chain))
-        bb.emit_func_output(out)
-    return bb.get()
+    return chain_module(relax.TensorType([1, 4, 6, 6], "float32"), lambda bb, x: _chain(bb, x, weights, **chain))
 
 
 # =========================================================================== golden IR
@@ -54,24 +48,8 @@ def _module(weights, **chain):
 def test_a_depthwise_conv_and_the_1x1_conv_after_it_become_one_function():
     weights = _weights()
     before = _module(weights)
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 4, 6, 6], "float32"))
-    params = [relax.Var(f"param_{i}", w.ty)
-              for i, w in enumerate(weights)]
-    with bb.function(FUSED_NAME, [x, *params], attrs={"Composite": "dw_pointwise", "Primitive": True},
-                     private=True):
-        with bb.dataflow():
-            out = bb.emit_output(_chain(bb, x, params))
-        bb.emit_func_output(out)
-    fused = bb.get().get_global_var(FUSED_NAME)
-    x_main = relax.Var("x", relax.TensorType([1, 4, 6, 6], "float32"))
-    with bb.function("main", [x_main]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(fused, [x_main, *weights]))
-        bb.emit_func_output(out)
-    expected = bb.get()
-
+    expected = composite_module(FUSED_NAME, "dw_pointwise", relax.TensorType([1, 4, 6, 6], "float32"),
+                                list(weights), _chain)
     tvm.ir.assert_structural_equal(FuseDepthwisePointwise()(before), expected)
 
 
@@ -84,17 +62,14 @@ def test_chains_the_fused_kernel_does_not_compute_are_left_alone(case):
     elif case == "pointwise_strided":
         mod = _module(weights, pw_strides=2)
     else:
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType([1, 4, 6, 6], "float32"))
-        with bb.function("main", [x]):
-            with bb.dataflow():
-                w_dw, b_dw, w_pw, b_pw = weights
-                d = bb.emit(relax.op.nn.conv2d(x, w_dw, padding=[1, 1, 1, 1], groups=4))
-                d = bb.emit(relax.op.add(d, b_dw))
-                p = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(d, w_pw)), b_pw))
-                out = bb.emit_output(relax.Tuple([p, d]))
-            bb.emit_func_output(out)
-        mod = bb.get()
+        w_dw, b_dw, w_pw, b_pw = weights
+
+        def read_twice(bb, x):
+            d = bb.emit(relax.op.nn.conv2d(x, w_dw, padding=[1, 1, 1, 1], groups=4))
+            d = bb.emit(relax.op.add(d, b_dw))
+            return relax.Tuple([bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(d, w_pw)), b_pw)), d])
+
+        mod = chain_module(relax.TensorType([1, 4, 6, 6], "float32"), read_twice)
     tvm.ir.assert_structural_equal(FuseDepthwisePointwise()(mod), mod)
 
 
