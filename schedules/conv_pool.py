@@ -11,9 +11,10 @@ two in one PrimFunc, and this file schedules it with ``stem.py`` beside it
   85 KB: L2), with ``stem.py``'s tiles, epilogue and padded input rows, then its windows.
   The conv's plane never goes to memory. Neighbouring blocks share one conv row, which both
   compute: 1 row in 2 x POOL_ROWS more conv work.
-* **The windows** read the conv rows with the pool's padding folded into the loads (its
-  ``-inf`` border is a bounds test), the taps unrolled; on x86 the output row is left to LLVM's
-  loop vectorizer, as in ``pool.py``; on NEON TVM vectorizes it.
+* **The windows**, as in ``pool.py``: each block copies its conv rows into the pool's padded
+  rows (the ``-inf`` border), so the windows test no bounds; the taps unrolled; on x86 the
+  output row is left to LLVM's loop vectorizer, on NEON TVM vectorizes it over rows laid out
+  in two phases.
 
 Measured (Intel Xeon, LLVM ``rocketlake``, 2 threads). Alone and warm the one kernel is slower
 than the two: 141-153 us against 79-81 (``stem.py``) + 38-41 (``pool.py``) — one conv row in

@@ -7,9 +7,10 @@ Each phase is one function; :func:`compile_model` runs them in order and is what
    weights bound as constants, batch norm folded.
 2. **fuse** (:func:`lower`): ``FuseShuffleGroupConv`` puts every channel shuffle into the
    convolution that reads it, ``FuseDepthwisePointwise`` every depthwise conv and the 1x1 conv
-   reading it into one kernel, ``FuseConvPool`` the stem conv and its max pool, then TVM's own lowering — LegalizeOps (ops → TIR),
-   AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR (bias/BN, ReLU and residual adds
-   fused behind each convolution). The result is what MetaSchedule tunes.
+   reading it into one kernel, ``FuseConvPool`` the stem conv and its max pool, then TVM's own
+   lowering — LegalizeOps (ops → TIR), AnnotateTIROpPattern, FoldConstant, FuseOps + FuseTIR
+   (bias/BN, ReLU and residual adds fused behind each convolution). The result is what
+   MetaSchedule tunes.
 3. **tune** (:mod:`tvmshuffle.tuning`, separate command): records under ``tuning_logs/``.
 4. **build** (:func:`schedule`, :func:`codegen`): one MetaSchedule database applied — the hand
    schedules (:mod:`tvmshuffle.schedules`, the default; ``--schedules none``: off) and the

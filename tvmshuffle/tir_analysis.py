@@ -321,12 +321,14 @@ def _describe_injective(func, stages, names) -> InjectiveLayer | None:
     return InjectiveLayer(tuple(buffer_shape(last.writes[0].source)), names)
 
 
-def describe(func) -> ConvLayer | DwPointwiseLayer | ConvPoolLayer | MatmulLayer | PoolLayer | InjectiveLayer | None:
+def describe(func) -> (ConvLayer | DwPointwiseLayer | ConvPoolLayer | MatmulLayer | PoolLayer | InjectiveLayer
+                      | None):
     """The :class:`ConvLayer` of a conv PrimFunc — the fused ``shuffle_group_conv2d``, or
     LegalizeOps' ``conv2d_nchw`` / ``group_conv2d_nchw`` with no shuffle in front —, the
     :class:`DwPointwiseLayer` of a depthwise conv and the 1x1 conv after it (two conv blocks), the
-    :class:`ConvPoolLayer` of a conv and the max pool after it, the :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer`
-    of a max / average pool (kind ``"pool"``), the :class:`InjectiveLayer` of a kernel with no
+    :class:`ConvPoolLayer` of a conv and the max pool after it (kind ``"conv_pool"``), the
+    :class:`MatmulLayer` of a classifier's matmul (kind ``"matmul"``), the :class:`PoolLayer` of
+    a max / average pool (kind ``"pool"``), the :class:`InjectiveLayer` of a kernel with no
     reduction writing a 4-D tensor (kind ``"injective"``: concatenations, gathers), or None.
 
     Only a lowered, unscheduled PrimFunc is described: its stages are the root's children
@@ -373,7 +375,7 @@ def _describe_conv_pool(func, stages, names) -> ConvPoolLayer | None:
     pool = _describe_pool(stages[split:], [_base(n) for n in names[split:]])
     if conv is None or pool is None or conv.kind != "other" or not conv.epilogue:
         return None
-    pool.block, pool.pad_block = names[pool_index], names[split] if split < pool_index else None
+    pool.block, pool.pad_block = names[pool_index], (names[split] if split < pool_index else None)
     pool.epilogue = names[pool_index + 1:]
     return ConvPoolLayer(conv, pool)
 
