@@ -41,11 +41,11 @@ stem = sibling(__file__, "stem")
 
 
 def matches(layer, isa) -> bool:
-    return (layer.kind == "conv_pool" and stem.matches(layer.conv, isa) and layer.pool.block == "pool_max"
-            and not layer.pool.epilogue and layer.pool.out_hw[0] % _rows(layer) == 0)
+    return layer.kind == "conv_pool" and stem.matches(layer.conv, isa)
 
 
 def _rows(layer) -> int:
+    """Pool rows per block: the most, up to :data:`POOL_ROWS`, that divide the pool's height."""
     height = layer.pool.out_hw[0]
     return next((r for r in range(POOL_ROWS, 0, -1) if height % r == 0), 1)
 

@@ -78,9 +78,9 @@ def tile_rows(sch, layer, isa, sample: bool = False, parallel: bool = False) -> 
     last = epilogue[-1] if epilogue else None
 
     acc = sch.cache_write(conv, 0, "local")  # the tile's accumulators (registers)
-    loops = sch.get_loops(conv)
-    red = loops[len(loops) - len(layer.reduction):]
-    n, o, y, x = loops[len(loops) - len(layer.reduction) - 4:len(loops) - len(layer.reduction)]
+    loops = sch.get_loops(conv)  # (conv_pool.py: under its block loop) n, o, y, x, then the reduction
+    *_, n, o, y, x = loops[:-len(layer.reduction)]
+    red = loops[-len(layer.reduction):]
     o_out, o_in = sch.split(o, split_factors(sch, o, rows, sample))
     x_out, x_in = sch.split(x, [None, chunk])
     sch.reorder(n, y, o_out, x_out, *red, o_in, x_in)

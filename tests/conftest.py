@@ -39,6 +39,17 @@ def zoo_import(name: str, shape: tuple[int, ...] = SMALL_SHAPE):
     return frontend.load(name, shape)
 
 
+def kernel_layers(mod, kind: str | None = None) -> list:
+    """``tir_analysis.describe`` of every PrimFunc of the lowered ``mod`` (None for one it does
+    not read); with ``kind``, only the layers of that kind."""
+    import tvm
+
+    from tvmshuffle.tir_analysis import describe
+
+    layers = [describe(f) for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return layers if kind is None else [layer for layer in layers if getattr(layer, "kind", None) == kind]
+
+
 def chain_module(input_type, chain):
     """A module whose ``main(x)`` is one chain of ops: ``chain(bb, x)`` emits it into ``bb``'s
     dataflow block and returns its last expression (to emit as the output)."""

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm
-from conftest import ZOO_MODELS, zoo_import
+from conftest import ZOO_MODELS, kernel_layers, zoo_import
 
 from tvmshuffle import frontend, pipeline, runtime, targets
 from tvmshuffle.models import zoo
-from tvmshuffle.tir_analysis import describe
 
 # Reduced input keeps CI bounded; the network is the same at any resolution.
 SHAPE = (1, 3, 64, 64)
@@ -101,8 +99,7 @@ def test_onnx_file(tmp_path, opset):
     assert imported.input_shape == SHAPE and imported.source == "onnx"
     # the ONNX graph's stem fuses as the zoo's does: conv, bias, ReLU and max pool in one kernel
     lowered = pipeline.lower(imported.mod, targets.resolve("host"))
-    kinds = [getattr(describe(f), "kind", None) for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert kinds.count("conv_pool") == 1
+    assert len(kernel_layers(lowered, "conv_pool")) == 1
     out, expected = compile_and_run(imported, tmp_path)
     assert_close(out, expected)
     # ONNX Runtime and PyTorch agree too, so the reference is the model's.

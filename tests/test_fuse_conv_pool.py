@@ -6,10 +6,10 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvmshuffle import pipeline, schedules, targets
+from tvmshuffle import pipeline, targets
 from tvmshuffle.passes import FuseConvPool
 
-from conftest import chain_module, composite_module, zoo_import
+from conftest import chain_module, composite_module, kernel_layers, zoo_import
 
 FUSED_NAME = "fused_relax_nn_conv2d_relax_add_relax_nn_relu_relax_nn_max_pool2d"
 SHAPE = [1, 3, 16, 16]
@@ -66,22 +66,16 @@ def test_chains_the_fused_kernel_does_not_compute_are_left_alone(case):
 # =========================================================================== after lowering
 
 
-def _conv_pool_kernels(mod) -> list:
-    return [schedules.describe(f) for _, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and getattr(schedules.describe(f), "kind", None) == "conv_pool"]
-
-
 @pytest.mark.parametrize("model", ["shufflenet_v2_x1_0", "shufflenet_v1_g3_x1_0"])
 def test_the_zoo_models_stem_is_one_kernel_with_its_max_pool(model):
     """Lowered, each model has one conv_pool kernel (its stem: 3 → 24 channels, 3x3/2, bias and
     ReLU, max pool 3x3/2) and no max pool of its own; the unfused lowering keeps them apart."""
     lowered = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"))
-    (layer,) = _conv_pool_kernels(lowered)
+    (layer,) = kernel_layers(lowered, "conv_pool")
     conv, pool = layer.conv, layer.pool
     assert (conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.out_hw) == (3, 24, (3, 3), (2, 2), (112, 112))
     assert [b.rstrip("0123456789") for b in conv.epilogue] == ["T_add", "compute"]
     assert (pool.block, pool.kernel, pool.stride, pool.out_hw) == ("pool_max", (3, 3), (2, 2), (56, 56))
-    layers = [schedules.describe(f) for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert not [x for x in layers if getattr(x, "kind", None) == "pool" and x.block == "pool_max"]
+    assert not [x for x in kernel_layers(lowered, "pool") if x.block == "pool_max"]
     unfused = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"), fuse=False)
-    assert not _conv_pool_kernels(unfused)
+    assert not kernel_layers(unfused, "conv_pool")

@@ -6,11 +6,11 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvmshuffle import pipeline, schedules, targets
+from tvmshuffle import pipeline, targets
 from tvmshuffle.ops import emit_shuffle_group_conv2d
 from tvmshuffle.passes import FuseDepthwisePointwise
 
-from conftest import chain_module, composite_module, zoo_import
+from conftest import chain_module, composite_module, kernel_layers, zoo_import
 
 FUSED_NAME = "fused_relax_nn_conv2d_relax_add_relax_nn_conv2d_relax_add_relax_nn_relu"
 
@@ -76,11 +76,6 @@ def test_chains_the_fused_kernel_does_not_compute_are_left_alone(case):
 # =========================================================================== after lowering
 
 
-def _dw_pointwise_kernels(mod) -> list:
-    return [schedules.describe(f) for _, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and getattr(schedules.describe(f), "kind", None) == "dw_pointwise"]
-
-
 def test_a_shuffled_depthwise_conv_fuses_with_the_grouped_1x1_after_it():
     """ShuffleNet V1's unit: ``shuffle_group_conv2d`` (depthwise, through the shuffle) → bias →
     grouped 1x1 → bias → residual add → ReLU: one kernel, the shuffle's depthwise stages first."""
@@ -96,7 +91,7 @@ def test_a_shuffled_depthwise_conv_fuses_with_the_grouped_1x1_after_it():
             y = bb.emit(relax.op.add(y, x))
             out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
         bb.emit_func_output(out)
-    (layer,) = _dw_pointwise_kernels(pipeline.lower(bb.get(), targets.resolve("host")))
+    (layer,) = kernel_layers(pipeline.lower(bb.get(), targets.resolve("host")), "dw_pointwise")
     assert layer.depthwise.shuffled and layer.depthwise.kind == "depthwise"
     assert layer.pointwise.kind == "pointwise" and layer.pointwise.conv_groups == 3
     assert [b.rstrip("0123456789") for b in layer.pointwise.epilogue] == ["T_add", "T_add", "compute"]
@@ -108,8 +103,7 @@ def test_every_depthwise_conv_of_the_zoo_models_is_fused_with_its_1x1_conv(model
     downsampling unit's two branches; branch 1 of the last two reads the shuffle), V1 g3 3
     stride-1 and 3 stride-2; no depthwise kernel is left alone."""
     lowered = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"))
-    assert len(_dw_pointwise_kernels(lowered)) == count
-    layers = [schedules.describe(f) for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert not [layer for layer in layers if getattr(layer, "kind", None) == "depthwise"]
-    unfused = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"), depthwise_pointwise=False)
-    assert not _dw_pointwise_kernels(unfused)
+    assert len(kernel_layers(lowered, "dw_pointwise")) == count
+    assert not kernel_layers(lowered, "depthwise")
+    unfused = pipeline.lower(zoo_import(model, (1, 3, 224, 224)).mod, targets.resolve("host"), across_layers=False)
+    assert not kernel_layers(unfused, "dw_pointwise")

@@ -17,6 +17,7 @@ import pytest
 
 import tvm
 from tvm import relax
+from conftest import chain_module
 
 from tvmshuffle import pipeline, schedules, targets
 from tvmshuffle.errors import UserError
@@ -1100,17 +1101,14 @@ def _conv_pool(data_shape, out_channels, conv_params, relu, pool_params, preset=
     rng = np.random.default_rng(sum(data_shape) + out_channels)
     weight = rng.standard_normal((out_channels, data_shape[1], 3, 3)).astype("float32")
     bias = rng.standard_normal((1, out_channels, 1, 1)).astype("float32")
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(data_shape), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(x, relax.const(weight), **conv_params)),
-                                     relax.const(bias)))
-            if relu:
-                y = bb.emit(relax.op.nn.relu(y))
-            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(y, **pool_params)))
-        bb.emit_func_output(out)
-    mod = pipeline.lower(bb.get(), preset)
+
+    def chain(bb, x):
+        y = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(x, relax.const(weight), **conv_params)), relax.const(bias)))
+        if relu:
+            y = bb.emit(relax.op.nn.relu(y))
+        return relax.op.nn.max_pool2d(y, **pool_params)
+
+    mod = pipeline.lower(chain_module(relax.TensorType(list(data_shape), "float32"), chain), preset)
 
     def reference(data):
         y = torch.nn.functional.conv2d(torch.from_numpy(data), torch.from_numpy(weight),

@@ -76,10 +76,10 @@ class CompileResult:
     scheduled: object = None
 
 
-def lower_passes(fuse: bool = True, depthwise_pointwise: bool = True) -> list:
-    """Phase 2: the graph passes, in order. ``depthwise_pointwise`` (with ``fuse``): a depthwise
-    conv and the 1x1 conv that reads it become one kernel, and so do the stem conv and its max
-    pool (the study keeps them apart, to time each ``shuffle_group_conv2d`` alone)."""
+def lower_passes(fuse: bool = True, across_layers: bool = True) -> list:
+    """Phase 2: the graph passes, in order. ``across_layers`` (with ``fuse``): a depthwise conv
+    and the 1x1 conv that reads it become one kernel, and so do the stem conv and its max pool
+    (the study keeps them apart, to time each ``shuffle_group_conv2d`` alone)."""
     from tvm import relax
 
     passes = []
@@ -87,7 +87,7 @@ def lower_passes(fuse: bool = True, depthwise_pointwise: bool = True) -> list:
         from .passes import FuseConvPool, FuseDepthwisePointwise, FuseShuffleGroupConv
 
         passes.append(FuseShuffleGroupConv())
-        if depthwise_pointwise:
+        if across_layers:
             passes += [FuseDepthwisePointwise(), FuseConvPool()]
     passes += [
         relax.transform.LegalizeOps(),
@@ -100,12 +100,12 @@ def lower_passes(fuse: bool = True, depthwise_pointwise: bool = True) -> list:
     return passes
 
 
-def lower(mod, preset: targets.TargetPreset, fuse: bool = True, depthwise_pointwise: bool = True):
+def lower(mod, preset: targets.TargetPreset, fuse: bool = True, across_layers: bool = True):
     """Phase 2: Relax graph → fused Relax calling one PrimFunc per kernel (:func:`lower_passes`)."""
     import tvm
 
     with targets.tvm_target(preset):
-        return tvm.transform.Sequential(lower_passes(fuse, depthwise_pointwise))(mod)
+        return tvm.transform.Sequential(lower_passes(fuse, across_layers))(mod)
 
 
 def schedule(mod, preset: targets.TargetPreset, tuning_records: Path | None = None,

@@ -87,7 +87,8 @@ class DwPointwiseLayer:
 @dataclass
 class ConvPoolLayer:
     """A conv and the max pool that reads it in one PrimFunc (``FuseConvPool``: the conv's
-    stages — padding, conv, bias, ReLU —, then the pool's), each of its own blocks."""
+    stages — padding, conv, bias, ReLU —, then the pool's), each of its own blocks; the pool
+    is a max pool (``pool_max``), with no epilogue."""
 
     conv: ConvLayer
     pool: PoolLayer
@@ -280,9 +281,9 @@ def _factor_of(var, node_type):
 def _describe_pool(stages, names) -> PoolLayer | None:
     import tvm
 
-    pool_name = next(n for n in names if n in POOL_BLOCKS)
+    pool_name = next(n for n in names if _base(n) in POOL_BLOCKS)
     index = names.index(pool_name)
-    if names[:index] not in ([], ["pad_temp"]):
+    if [_base(n) for n in names[:index]] not in ([], ["pad_temp"]):
         return None
     pool = stages[index]
     spatial = _iter_vars(pool, tvm.tirx.IterVar.DataPar)
@@ -338,7 +339,7 @@ def describe(func) -> (ConvLayer | DwPointwiseLayer | ConvPoolLayer | MatmulLaye
     names = [b.name_hint for b in stages]
     if names and names[0] == "matmul":
         return _describe_matmul(func, stages, names)
-    if any(n in POOL_BLOCKS for n in names):
+    if any(_base(n) in POOL_BLOCKS for n in names):
         if any(_base(n) in CONV_BLOCKS for n in names):
             return _describe_conv_pool(func, stages, names)
         return _describe_pool(stages, names)
@@ -367,16 +368,14 @@ def _describe_dw_pointwise(func, stages, names, second: int) -> DwPointwiseLayer
 
 def _describe_conv_pool(func, stages, names) -> ConvPoolLayer | None:
     """A conv's stages, then (from the pool's padding stage on) a max pool's."""
-    pool_index = names.index("pool_max") if "pool_max" in names else None
+    pool_index = next((i for i, n in enumerate(names) if _base(n) == "pool_max"), None)
     if pool_index is None:
         return None
     split = pool_index - 1 if pool_index and _base(names[pool_index - 1]) in PAD_BLOCKS else pool_index
     conv = _describe_conv(func, stages[:split], names[:split])
-    pool = _describe_pool(stages[split:], [_base(n) for n in names[split:]])
-    if conv is None or pool is None or conv.kind != "other" or not conv.epilogue:
+    pool = _describe_pool(stages[split:], names[split:])
+    if conv is None or pool is None or conv.kind != "other" or not conv.epilogue or pool.epilogue:
         return None
-    pool.block, pool.pad_block = names[pool_index], (names[split] if split < pool_index else None)
-    pool.epilogue = names[pool_index + 1:]
     return ConvPoolLayer(conv, pool)
 
 

@@ -29,6 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from .fuse_depthwise_pointwise import nchw_conv, read_once
 from .fuse_shuffle_group_conv import static_shape
 
 #: the composite's name
@@ -42,22 +43,13 @@ def _check(context) -> bool:
     data, weight = static_shape(conv.args[0]), static_shape(conv.args[1])
     if str(conv.ty.dtype) != "float32" or data is None or weight is None or len(weight) != 4:
         return False
-    attrs = conv.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW") \
-            or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation) or weight[2] == 1:
+    if not nchw_conv(conv.attrs) or int(conv.attrs.groups) != 1 or weight[2] == 1:
         return False
-    pattrs = pool.attrs
-    if pattrs.layout != "NCHW" or pattrs.out_layout != "NCHW" or bool(pattrs.ceil_mode) \
-            or any(int(d) != 1 for d in pattrs.dilation):
+    attrs = pool.attrs
+    if attrs.layout != "NCHW" or attrs.out_layout != "NCHW" or bool(attrs.ceil_mode) \
+            or any(int(d) != 1 for d in attrs.dilation):
         return False
-    for name in ("conv", "bias", "relu"):
-        expr = context.annotated_expr.get(name)
-        if expr is None:
-            continue
-        var = context.value_to_bound_var.get(expr)
-        if var is None or len(context.var_usages.get(var, [])) != 1:
-            return False
-    return True
+    return read_once(context, [name for name in ("conv", "bias", "relu") if name in context.annotated_expr])
 
 
 def patterns() -> list[tuple]:

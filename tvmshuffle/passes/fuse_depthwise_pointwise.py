@@ -53,13 +53,14 @@ def _is_depthwise(call: relax.Call) -> bool:
                 and weight[1] == 1 and weight[0] == out[1] and weight[2] == weight[3] > 1)
     attrs = call.attrs
     data, weight = static_shape(call.args[0]), static_shape(call.args[1])
-    if data is None or weight is None or len(data) != 4 or not _nchw(attrs):
+    if data is None or weight is None or len(data) != 4 or not nchw_conv(attrs):
         return False
     channels = data[1]
     return int(attrs.groups) == channels and weight[:2] == [channels, 1] and weight[2] == weight[3] > 1
 
 
-def _nchw(attrs) -> bool:
+def nchw_conv(attrs) -> bool:
+    """A conv2d's attrs say NCHW data, an OIHW weight, an NCHW output and no dilation."""
     return (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW") \
         and all(int(d) == 1 for d in attrs.dilation)
 
@@ -67,7 +68,7 @@ def _nchw(attrs) -> bool:
 def _is_pointwise(call: relax.Call) -> bool:
     """A 1x1 ``R.nn.conv2d`` (dense or grouped) with stride 1 and no padding, NCHW."""
     weight = static_shape(call.args[1])
-    return (weight is not None and weight[2:] == [1, 1] and _nchw(call.attrs)
+    return (weight is not None and weight[2:] == [1, 1] and nchw_conv(call.attrs)
             and all(int(v) == 1 for v in call.attrs.strides) and not any(int(v) for v in call.attrs.padding))
 
 
@@ -77,7 +78,14 @@ def _check(context) -> bool:
     dw, pw = context.annotated_expr["dw"], context.annotated_expr["pw"]
     if str(dw.ty.dtype) != "float32" or not _is_depthwise(dw) or not _is_pointwise(pw):
         return False
-    for name in ("dw", "dw_bias"):
+    return read_once(context, ("dw", "dw_bias"))
+
+
+def read_once(context, names) -> bool:
+    """Whether each of the matched expressions ``names`` (of a ``FuseOpsByPattern`` check's
+    ``context``) is bound to a variable that one expression alone reads: the next op of the chain,
+    so that fusing the chain hides no value anything else needs."""
+    for name in names:
         var = context.value_to_bound_var.get(context.annotated_expr[name])
         if var is None or len(context.var_usages.get(var, [])) != 1:
             return False

@@ -98,7 +98,7 @@ def fused_layers(config: StudyConfig) -> list[Layer]:
             bar.set_postfix_str(name)
             models_read += 1
             imported = frontend.load(name, config.input_shape)
-            mod = pipeline.lower(imported.mod, preset, fuse=True, depthwise_pointwise=False)
+            mod = pipeline.lower(imported.mod, preset, fuse=True, across_layers=False)
             found = 0
             for kernel in kernels.list_kernels(mod):
                 if not kernel.fused_shuffle_conv:
