@@ -49,7 +49,9 @@ interleaved): V2's 28x28 ones got faster (0.48 -> 0.32 ms the group), its 14x14 
 ``profile --in-model`` (the same two runs) put the gain in the 28x28 convs (0.49 -> 0.37 ms) and
 in the concatenations that read the branch convs' output (0.41 -> 0.22). Splitting the
 concatenations by pixels as well measured slower (2.95 ms), so which core wrote what is not the
-whole story.
+whole story. Nor does the channel-vector form gain from it: each core taking pixel tiles there
+(and streaming every weight) ran V1 g3 1x 2.55 -> 2.90 ms, V2 1x 2.69 -> 2.82 (hand builds, 12
+interleaved rounds, 2026-12-02).
 """
 
 from __future__ import annotations
